@@ -1,0 +1,129 @@
+"""The configuration of a training run: every key, the spec's defaults, and validation.
+
+Experiment configs (``experiments/configs/*.py``) start from :func:`default_config` and
+change what they need; any key can be overridden on the command line with
+``--config.KEY=VALUE``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from apart_jax.data import DATASETS
+from apart_jax.methods import METHOD_NAMES
+from apart_jax.models import MODELS
+
+# Steps of the release's 30-epoch CIFAR-10 run (30 x 391): psi's defaults are tuned for it.
+REFERENCE_PSI_STEPS = 11_730
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key, in one line."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The spec's defaults (CIFAR-10 PreAct-ResNet-18, APART, 30 epochs, batch 128)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Data: a dataset name (see apart_jax.data.DATASETS), sizes (0 = whole split) and
+    # augmentation (None = the dataset's default).
+    c.dataset = "digits"
+    c.npz_path = ""
+    c.train_size = 0
+    c.test_size = 0
+    c.pad = placeholder(int)
+    c.flip = placeholder(bool)
+    c.pad_value = 0.5
+
+    # Model.
+    c.model = "preact_resnet18"
+    c.width = 64
+    c.shortcut_input = "raw"
+
+    # Method and threat model.
+    c.method = "apart"
+    c.eps = 8 / 255
+    c.fgsm_rs_step_scale = 1.25
+    c.pgd_steps = 10
+    c.pgd_step_size = 2 / 255
+
+    # Weights' optimizer: SGD, triangular rate 0 -> lr_max -> 0 per cycle, cycled momentum.
+    c.epochs = 30
+    c.batch_size = 128
+    c.drop_remainder = False
+    c.lr_max = 0.2
+    c.momentum_max = 0.9
+    c.momentum_min = 0.8
+    c.weight_decay = 2e-4
+    c.schedule_epochs = 0  # epochs per triangle; 0 = one triangle over the whole run
+
+    # APART / FGSM+ generator: psi's initial values, its optimizer, Omega.
+    c.alpha_init = 1e-4
+    c.alpha_omega_init = 1e-4
+    c.layer_alpha_init = 0.0
+    c.omega_init_std = 1e-3
+    c.psi_lr_max = 5e-8
+    c.psi_weight_decay = 400.0
+    c.psi_lr_scale = 1.0
+    c.psi_lr_autoscale = False  # multiply psi's rate by 11,730 / total steps
+    c.psi_in_weight_optimizer = True
+
+    # Evaluation: clean and PGD-20 accuracy (BN in inference mode) every eval_every epochs.
+    c.eval_every = 2
+    c.eval_batch_size = 500
+    c.eval_eps = 8 / 255
+    c.eval_pgd_steps = 20
+    c.eval_pgd_step_size = 2 / 255
+
+    # Execution.
+    c.unroll = placeholder(bool)  # attack loops unrolled; None = backend default
+    c.log_every = 50
+    c.progress = True
+    c.checkpoint = True
+    return c
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+    """Checks every value a run depends on before anything is built or written.
+
+    Raises:
+      ConfigError: naming the first invalid key and the accepted values.
+    """
+    _require(c.dataset in DATASETS, f"dataset={c.dataset!r}: choose one of {sorted(DATASETS)}")
+    _require(c.model in MODELS, f"model={c.model!r}: choose one of {sorted(MODELS)}")
+    _require(c.method in METHOD_NAMES, f"method={c.method!r}: choose one of {list(METHOD_NAMES)}")
+    _require(
+        c.shortcut_input in ("raw", "preact"),
+        f"shortcut_input={c.shortcut_input!r}: choose 'raw' or 'preact'",
+    )
+    for key in ("eps", "eval_eps"):
+        _require(0.0 < c[key] <= 1.0, f"{key}={c[key]} must be in (0, 1]")
+    for key in ("pgd_step_size", "eval_pgd_step_size", "fgsm_rs_step_scale", "lr_max"):
+        _require(c[key] > 0, f"{key}={c[key]} must be positive")
+    for key in (
+        "width",
+        "epochs",
+        "batch_size",
+        "pgd_steps",
+        "eval_pgd_steps",
+        "eval_every",
+        "eval_batch_size",
+        "log_every",
+    ):
+        _require(isinstance(c[key], int) and c[key] >= 1, f"{key}={c[key]} must be a positive int")
+    for key in ("train_size", "test_size", "schedule_epochs"):
+        _require(c[key] >= 0, f"{key}={c[key]} must be >= 0 (0 = all)")
+    for key in ("psi_lr_max", "psi_lr_scale", "psi_weight_decay", "weight_decay", "omega_init_std"):
+        _require(c[key] >= 0, f"{key}={c[key]} must be >= 0")
+    _require(
+        0 <= c.momentum_min <= c.momentum_max < 1, "momentum_min <= momentum_max must lie in [0, 1)"
+    )
+    _require(c.pad is None or c.pad >= 0, f"pad={c.pad} must be >= 0")
+    _require(0.0 <= c.pad_value <= 1.0, f"pad_value={c.pad_value} must be in [0, 1]")

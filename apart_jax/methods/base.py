@@ -1,0 +1,141 @@
+"""What every training method shares: the step signature, forward passes, the weight update.
+
+A method is an object with
+
+* ``name`` (registry key), ``label`` (for tables) and ``passes_per_step`` (forward +
+  backward passes per step, the paper's cost measure);
+* ``learns_psi`` / ``uses_omega``: whether the state carries psi optimizers and Omega;
+* ``step(ctx, state, inputs) -> (state, metrics)``: one pure training step, with
+  ``metrics = {"loss": mean training loss, "accuracy": mean accuracy on the training
+  inputs the weights were fitted to}``.
+
+All forward passes inside a training step run BN in training mode and, as PyTorch does,
+update the BN running statistics, attack passes included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from apart_jax.attacks import cross_entropy, linf_ascent, uniform_start
+from apart_jax.models.perturbation import SITES
+from apart_jax.state import StepContext, StepInputs, TrainState
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+
+class Method(Protocol):
+    name: str
+    label: str
+    learns_psi: bool
+    uses_omega: bool
+
+    @property
+    def passes_per_step(self) -> int: ...
+
+    def step(
+        self, ctx: StepContext, state: TrainState, inputs: StepInputs
+    ) -> tuple[TrainState, Metrics]: ...
+
+
+def forward_train(
+    ctx: StepContext,
+    params: PyTree,
+    batch_stats: PyTree,
+    x: jax.Array,
+    sites: PyTree | None = None,
+) -> tuple[jax.Array, PyTree]:
+    """A training-mode forward pass: logits (B, K) and the updated BN running statistics.
+
+    ``sites``, if given, is a ``perturbations`` tree added at the blocks' sites.
+    """
+    variables = {"params": params, "batch_stats": batch_stats}
+    if sites is not None:
+        variables[SITES] = sites
+    logits, mutated = ctx.apply_fn(variables, x, train=True, mutable=["batch_stats"])
+    return logits, mutated["batch_stats"]
+
+
+def mean_cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Batch-mean cross-entropy, the training loss of every method."""
+    return jnp.mean(cross_entropy(logits, y))
+
+
+def step_metrics(loss: jax.Array, logits: jax.Array, y: jax.Array) -> Metrics:
+    """The per-step metrics every method returns."""
+    return {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+
+
+def apply_weight_gradients(ctx: StepContext, state: TrainState, grads: PyTree) -> TrainState:
+    """One step of the weights' optimizer on ``grads`` (shaped like ``state.params``)."""
+    updates, opt_state = ctx.weight_tx.update(grads, state.opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+
+def descend(
+    ctx: StepContext, state: TrainState, x_adv: jax.Array, y: jax.Array
+) -> tuple[TrainState, Metrics]:
+    """The training pass: fit the weights to ``x_adv`` and advance the step counter."""
+
+    def loss_fn(params):
+        logits, batch_stats = forward_train(ctx, params, state.batch_stats, x_adv)
+        return mean_cross_entropy(logits, y), (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = apply_weight_gradients(ctx, state.replace(batch_stats=batch_stats), grads)
+    return state.replace(step=state.step + 1), step_metrics(loss, logits, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackThenDescend:
+    """Adversarial training with a fixed L-inf generator: attack, then one weight update.
+
+    The generator starts at x (``random_start=False``) or at a uniform point of the ball,
+    and takes ``steps`` signed-gradient steps of ``step_size``, projecting each time. Its
+    input gradients are of the batch-mean loss with BN in training mode (weight gradients
+    are never formed); each attack pass updates the BN running statistics.
+    """
+
+    name: str
+    label: str
+    random_start: bool
+    step_size: float
+    steps: int
+    learns_psi = False
+    uses_omega = False
+
+    @property
+    def passes_per_step(self) -> int:
+        return self.steps + 1
+
+    def step(
+        self, ctx: StepContext, state: TrainState, inputs: StepInputs
+    ) -> tuple[TrainState, Metrics]:
+        x, y = inputs.x, inputs.y
+
+        def grad_fn(x_adv, batch_stats):
+            def loss_fn(x_adv):
+                logits, new_stats = forward_train(ctx, state.params, batch_stats, x_adv)
+                return mean_cross_entropy(logits, y), new_stats
+
+            grad, new_stats = jax.grad(loss_fn, has_aux=True)(x_adv)
+            return grad, new_stats
+
+        x_start = uniform_start(inputs.key, x, ctx.eps) if self.random_start else x
+        x_adv, batch_stats = linf_ascent(
+            grad_fn,
+            x,
+            x_start,
+            state.batch_stats,
+            eps=ctx.eps,
+            step_size=self.step_size,
+            steps=self.steps,
+            unroll=ctx.unroll,
+        )
+        return descend(ctx, state.replace(batch_stats=batch_stats), jax.lax.stop_gradient(x_adv), y)

@@ -1,0 +1,117 @@
+"""Pre-activation ResNets with APART's perturbation sites: PreAct-ResNet-18 and a small CNN.
+
+Inputs are images in [0, 1], shape (B, H, W, C), no mean/std normalization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from apart_jax.models.layers import BatchNorm, conv1x1, conv3x3, torch_bias_init, torch_kernel_init
+from apart_jax.models.perturbation import declare_psi, site
+
+ShortcutInput = Literal["raw", "preact"]
+
+
+class PreActBlock(nn.Module):
+    """A pre-activation basic block with a perturbation site on its pre-activated input.
+
+    For input z (B, H, W, C_in)::
+
+        h   = relu(bn1(z))
+        h~  = h + perturbation          # the site; zero unless ``perturbations`` are passed
+        out = conv2(relu(bn2(conv1(h~)))) + shortcut
+
+    The shortcut is the identity when shape is kept; otherwise a strided 1x1 convolution
+    of the raw input z (``shortcut_input="raw"``, the APART release) or of h~
+    (``"preact"``, the common PreActResNet, which sees the perturbed activation).
+    The block also owns its psi scalar ``alpha`` in the ``perturb`` collection.
+    """
+
+    features: int
+    strides: int = 1
+    shortcut_input: ShortcutInput = "raw"
+
+    @nn.compact
+    def __call__(self, z: jax.Array, train: bool) -> jax.Array:
+        declare_psi(self, "alpha")
+        h = site(self, nn.relu(BatchNorm(name="bn1")(z, train)))
+        out = conv3x3(self.features, self.strides, name="conv1")(h)
+        out = nn.relu(BatchNorm(name="bn2")(out, train))
+        out = conv3x3(self.features, 1, name="conv2")(out)
+        if self.strides != 1 or z.shape[-1] != self.features:
+            source = z if self.shortcut_input == "raw" else h
+            shortcut = conv1x1(self.features, self.strides, name="shortcut")(source)
+        else:
+            shortcut = z
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """A pre-activation ResNet for small images.
+
+    stem 3x3 conv (``width`` channels, no bias); stages of :class:`PreActBlock` at
+    ``width * 2**s`` channels with the given strides; BN, ReLU, global average pooling and
+    a dense layer. The top level owns psi's ``alpha`` and ``alpha_omega``.
+
+    Attributes:
+      stage_sizes: blocks per stage, (2, 2, 2, 2) for ResNet-18.
+      stage_strides: stride of each stage's first block.
+      width: channels of the stem and first stage (64 in the paper).
+      num_classes: outputs of the final dense layer.
+      shortcut_input: "raw" (release, default) or "preact"; see :class:`PreActBlock`.
+    """
+
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    stage_strides: Sequence[int] = (1, 2, 2, 2)
+    width: int = 64
+    num_classes: int = 10
+    shortcut_input: ShortcutInput = "raw"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Maps images (B, H, W, C) in [0, 1] to logits (B, num_classes)."""
+        if self.shortcut_input not in ("raw", "preact"):
+            raise ValueError(
+                f"shortcut_input must be 'raw' or 'preact', got {self.shortcut_input!r}"
+            )
+        declare_psi(self, "alpha", "alpha_omega")
+        out = conv3x3(self.width, 1, name="stem")(x)
+        for s, (size, stride) in enumerate(zip(self.stage_sizes, self.stage_strides, strict=True)):
+            for b in range(size):
+                out = PreActBlock(
+                    self.width * 2**s,
+                    stride if b == 0 else 1,
+                    self.shortcut_input,
+                    name=f"stage{s + 1}_block{b + 1}",
+                )(out, train)
+        out = nn.relu(BatchNorm(name="bn_final")(out, train))
+        out = jnp.mean(out, axis=(1, 2))
+        return nn.Dense(
+            self.num_classes,
+            kernel_init=torch_kernel_init,
+            bias_init=torch_bias_init(out.shape[-1]),
+            name="head",
+        )(out)
+
+
+def preact_resnet18(
+    num_classes: int = 10, width: int = 64, shortcut_input: ShortcutInput = "raw"
+) -> PreActResNet:
+    """PreAct-ResNet-18 as in the APART release (width 64 is the paper's size)."""
+    return PreActResNet((2, 2, 2, 2), (1, 2, 2, 2), width, num_classes, shortcut_input)
+
+
+def small_cnn(
+    num_classes: int = 10, width: int = 16, shortcut_input: ShortcutInput = "raw"
+) -> PreActResNet:
+    """A small pre-activation CNN for tiny images (8x8 to 16x16): stem, two blocks (strides 1, 2).
+
+    Same block and perturbation sites as PreAct-ResNet-18, so every method runs on it.
+    """
+    return PreActResNet((1, 1), (1, 2), width, num_classes, shortcut_input)

@@ -1,0 +1,505 @@
+"""The generic training step builder, the training state's creation, evaluation and the epoch loop.
+
+Data flows one way::
+
+    Dataset (host, uint8) -> DeviceData (device) -> gather + pad + crop/flip (in the step)
+      -> method.step (FGSM / FGSM-RS / FGSM+ / APART / PGD-K) -> TrainState
+      -> clean and PGD-20 accuracy every ``eval_every`` epochs -> metrics.jsonl, checkpoint
+
+One step builder serves every method: :func:`make_train_step` wraps ``method.step`` with
+the batch gathering and augmentation and jit-compiles it over the device mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from apart_jax.attacks import pgd
+from apart_jax.augment import Augmentation, crop_and_flip, draw_augmentation, pad_images
+from apart_jax.checkpoint import save_checkpoint
+from apart_jax.config import REFERENCE_PSI_STEPS, ConfigError, validate_config
+from apart_jax.data import DATASETS, Dataset, DeviceData, load_dataset, to_device, to_unit_range
+from apart_jax.methods import Method, create_method, init_omega, init_psi
+from apart_jax.models import PSI, create_model, init_variables
+from apart_jax.optim import cyclic_sgd
+from apart_jax.parallel import data_mesh, replicated, shard_batch
+from apart_jax.state import StepContext, StepInputs, TrainState
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+_INIT_STREAM, _OMEGA_STREAM, _STEP_STREAM, _ORDER_STREAM, _EVAL_STREAM = range(5)
+
+
+class Batch(NamedTuple):
+    """Which examples a step trains on and how they are augmented.
+
+    indices: (B,) int32 training-set indices; aug: their crop offsets and flip bits.
+    """
+
+    indices: jax.Array
+    aug: Augmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+    """Padding in pixels per side, the pad value in [0, 1], and whether to flip."""
+
+    pad: int
+    pad_value: float
+    flip: bool
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """The PRNG key of the step ``state.step`` (augmentation and method noise derive from it)."""
+    return jax.random.fold_in(state.rng, state.step)
+
+
+def draw_batch(
+    state: TrainState, order: jax.Array, start: jax.Array, batch_size: int, augment: AugmentSpec
+) -> Batch:
+    """The batch at position ``start`` of the epoch's ``order`` (N,), with a fresh augmentation."""
+    indices = jax.lax.dynamic_slice(order, (start,), (batch_size,))
+    aug_key = jax.random.fold_in(step_key(state), 0)
+    return Batch(indices, draw_augmentation(aug_key, batch_size, augment.pad, augment.flip))
+
+
+def gather_batch(
+    data: DeviceData, batch: Batch, augment: AugmentSpec
+) -> tuple[jax.Array, jax.Array]:
+    """Gathers the batch's images and applies its augmentation: (B, H, W, C) in [0, 1], (B,)."""
+    images = to_unit_range(data.images[batch.indices])
+    frames = pad_images(images, augment.pad, augment.pad_value)
+    return crop_and_flip(frames, batch.aug, images.shape[1:3]), data.labels[batch.indices]
+
+
+class TrainStep(NamedTuple):
+    """The jit-compiled training step of one method, in two call forms sharing one body.
+
+    on_batch(state, data, batch) -> (state, metrics): trains on an explicit :class:`Batch`
+      (indices, crop offsets, flip bits), to replay another implementation step for step.
+    in_epoch(state, data, order, start, batch_size) -> (state, metrics): draws the batch at
+      ``start`` of ``order`` and its augmentation inside the step; ``batch_size`` is static.
+
+    Both donate the incoming state; ``in_epoch(s, d, o, i, b)`` equals
+    ``on_batch(s, d, draw_batch(s, o, i, b, augment))``.
+    """
+
+    on_batch: Callable[..., tuple[TrainState, Metrics]]
+    in_epoch: Callable[..., tuple[TrainState, Metrics]]
+
+
+def make_train_step(
+    method: Method, ctx: StepContext, augment: AugmentSpec, mesh: Mesh
+) -> TrainStep:
+    """Builds the data-parallel training step of ``method`` over ``mesh``."""
+    state_sharding = replicated(mesh)
+
+    def on_batch(state: TrainState, data: DeviceData, batch: Batch):
+        x, y = shard_batch(gather_batch(data, batch, augment), mesh)
+        key = jax.random.fold_in(step_key(state), 1)
+        return method.step(ctx, state, StepInputs(x, y, batch.indices, batch.aug, key))
+
+    def in_epoch(state: TrainState, data: DeviceData, order, start, batch_size: int):
+        return on_batch(state, data, draw_batch(state, order, start, batch_size, augment))
+
+    jit = dict(donate_argnums=0, out_shardings=(state_sharding, state_sharding))
+    return TrainStep(
+        jax.jit(on_batch, **jit),
+        jax.jit(in_epoch, static_argnames="batch_size", **jit),
+    )
+
+
+def build_context(
+    config: ml_collections.ConfigDict,
+    apply_fn: Callable[..., Any],
+    image_size: tuple[int, int],
+    steps_per_epoch: int,
+) -> StepContext:
+    """The step context of a run: optimizers and schedules from ``config``."""
+    total_steps = config.epochs * steps_per_epoch
+    cycle_steps = (config.schedule_epochs or config.epochs) * steps_per_epoch
+    momentum = dict(momentum_max=config.momentum_max, momentum_min=config.momentum_min)
+    return StepContext(
+        apply_fn=apply_fn,
+        weight_tx=cyclic_sgd(
+            config.lr_max, cycle_steps, weight_decay=config.weight_decay, **momentum
+        ),
+        psi_tx=cyclic_sgd(
+            config.psi_lr_max * psi_lr_scale(config, total_steps),
+            cycle_steps,
+            weight_decay=config.psi_weight_decay,
+            **momentum,
+        ),
+        eps=config.eps,
+        image_size=image_size,
+        psi_in_weight_optimizer=config.psi_in_weight_optimizer,
+        unroll=config.unroll,
+    )
+
+
+def psi_lr_scale(config: ml_collections.ConfigDict, total_steps: int) -> float:
+    """The factor on psi's rate: ``psi_lr_scale``, times 11,730 / total steps if autoscaled."""
+    auto = REFERENCE_PSI_STEPS / total_steps if config.psi_lr_autoscale else 1.0
+    return config.psi_lr_scale * auto
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model,
+    method: Method,
+    ctx: StepContext,
+    *,
+    image_shape: tuple[int, int, int],
+    num_train: int,
+    pad: int,
+    variables: PyTree | None = None,
+) -> TrainState:
+    """The state before the first step, fully determined by ``config.seed``.
+
+    ``variables`` (``params``, ``batch_stats`` and ``perturb``, for example from
+    :func:`apart_jax.models.load_variables`) replaces the random initialization; psi is then
+    taken as given.
+    """
+    seed_key = jax.random.key(config.seed)
+    if variables is None:
+        variables = init_variables(model, jax.random.fold_in(seed_key, _INIT_STREAM), image_shape)
+        if method.learns_psi:
+            variables[PSI] = init_psi(
+                variables[PSI],
+                alpha=config.alpha_init,
+                alpha_omega=config.alpha_omega_init,
+                layer_alpha=config.layer_alpha_init,
+            )
+    psi = variables[PSI]
+    learns_psi = method.learns_psi
+    height, width, channels = image_shape
+    omega = None
+    if method.uses_omega:
+        frame = (num_train, height + 2 * pad, width + 2 * pad, channels)
+        omega = init_omega(
+            jax.random.fold_in(seed_key, _OMEGA_STREAM), frame, config.omega_init_std
+        )
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.fold_in(seed_key, _STEP_STREAM),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        psi=psi,
+        opt_state=ctx.weight_tx.init(variables["params"]),
+        psi_opt_state=ctx.psi_tx.init(psi) if learns_psi else (),
+        psi_decay_state=(
+            ctx.weight_tx.init(psi) if learns_psi and ctx.psi_in_weight_optimizer else ()
+        ),
+        omega=omega,
+    )
+
+
+def epoch_order(seed: int, epoch: int, num_train: int) -> jax.Array:
+    """The permutation (N,) int32 of training examples for ``epoch`` (1-based)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _ORDER_STREAM), epoch)
+    return jax.random.permutation(key, num_train).astype(jnp.int32)
+
+
+class EvalData(NamedTuple):
+    """Test images (M', H, W, C) uint8, labels (M',) and a mask (M',) of real examples.
+
+    M' is M rounded up to a whole number of evaluation batches; padding is masked out.
+    """
+
+    images: jax.Array
+    labels: jax.Array
+    mask: jax.Array
+
+
+def make_eval_data(x: np.ndarray, y: np.ndarray, batch_size: int, sharding) -> EvalData:
+    """Pads the test split to a multiple of ``batch_size`` and copies it to the device(s)."""
+    total = math.ceil(len(y) / batch_size) * batch_size
+    extra = total - len(y)
+    mask = np.concatenate([np.ones(len(y), bool), np.zeros(extra, bool)])
+    images = np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)])
+    labels = np.concatenate([y, np.zeros(extra, y.dtype)])
+    device = to_device(images, labels, sharding)
+    return EvalData(device.images, device.labels, jax.device_put(mask, sharding))
+
+
+def make_eval_step(
+    apply_fn: Callable[..., Any],
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    unroll: bool | None,
+    mesh: Mesh,
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """A jitted ``(params, batch_stats, images, labels, mask, key) -> (clean, robust)`` counter.
+
+    BN runs in inference mode. ``clean`` counts correct predictions on the masked batch;
+    ``robust`` counts examples correct both clean and under PGD (one uniform random start).
+    """
+
+    def eval_batch(params, batch_stats, images, labels, mask, key):
+        x, y, mask = shard_batch((to_unit_range(images), labels, mask), mesh)
+
+        def logits_fn(x):
+            return apply_fn({"params": params, "batch_stats": batch_stats}, x, train=False)
+
+        clean = jnp.argmax(logits_fn(x), -1) == y
+        x_adv = pgd(logits_fn, x, y, key, eps=eps, step_size=step_size, steps=steps, unroll=unroll)
+        robust = clean & (jnp.argmax(logits_fn(x_adv), -1) == y)
+        return jnp.sum(clean & mask), jnp.sum(robust & mask)
+
+    return jax.jit(eval_batch)
+
+
+def evaluate(
+    eval_step, state: TrainState, test: EvalData, batch_size: int, key: jax.Array
+) -> dict[str, float]:
+    """Clean and PGD accuracy of ``state``'s model over the test split, in [0, 1]."""
+    clean = robust = 0
+    for i, start in enumerate(range(0, len(test.labels), batch_size)):
+        part = (a[start : start + batch_size] for a in test)
+        c, r = eval_step(state.params, state.batch_stats, *part, jax.random.fold_in(key, i))
+        clean, robust = clean + c, robust + r
+    total = int(jnp.sum(test.mask))
+    return {"clean_acc": int(clean) / total, "pgd20_acc": int(robust) / total}
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run builds from its config before the first step.
+
+    ``batch_sizes`` lists the batch size of each step of an epoch (the last one is smaller
+    when the training set is not a multiple of the batch size, unless ``drop_remainder``).
+    """
+
+    config: ml_collections.ConfigDict
+    dataset: Dataset
+    augment: AugmentSpec
+    mesh: Mesh
+    model: Any
+    method: Method
+    ctx: StepContext
+    batch_sizes: list[int]
+    state: TrainState
+    data: DeviceData
+    train_step: TrainStep
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.batch_sizes)
+
+
+def setup_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> Run:
+    """Validates ``config``, loads the data (unless given) and builds model, method and state.
+
+    Raises:
+      ConfigError, DatasetError: invalid configuration or data, in one line.
+    """
+    validate_config(config)
+    if dataset is None:
+        dataset = load_dataset(
+            config.dataset,
+            npz_path=config.npz_path,
+            train_size=config.train_size,
+            test_size=config.test_size,
+        )
+    info = DATASETS[config.dataset]
+    augment = AugmentSpec(
+        pad=info.pad if config.pad is None else config.pad,
+        pad_value=config.pad_value,
+        flip=info.flip if config.flip is None else config.flip,
+    )
+    mesh = data_mesh()
+    num_train, batch_size = len(dataset.y_train), config.batch_size
+    if batch_size > num_train:
+        raise ConfigError(
+            f"batch_size={batch_size} is larger than the {num_train} training examples"
+        )
+    if batch_size % mesh.size:
+        raise ConfigError(f"batch_size={batch_size} must be a multiple of the {mesh.size} devices")
+    batch_sizes = [batch_size] * (num_train // batch_size)
+    if num_train % batch_size and not config.drop_remainder:
+        batch_sizes.append(num_train % batch_size)
+
+    model = create_model(
+        config.model,
+        num_classes=dataset.num_classes,
+        width=config.width,
+        shortcut_input=config.shortcut_input,
+    )
+    method = create_method(
+        config.method,
+        eps=config.eps,
+        fgsm_rs_step_scale=config.fgsm_rs_step_scale,
+        pgd_steps=config.pgd_steps,
+        pgd_step_size=config.pgd_step_size,
+    )
+    ctx = build_context(config, model.apply, dataset.image_shape[:2], len(batch_sizes))
+    everywhere = replicated(mesh)
+    state = create_train_state(
+        config,
+        model,
+        method,
+        ctx,
+        image_shape=dataset.image_shape,
+        num_train=num_train,
+        pad=augment.pad,
+    )
+    return Run(
+        config=config,
+        dataset=dataset,
+        augment=augment,
+        mesh=mesh,
+        model=model,
+        method=method,
+        ctx=ctx,
+        batch_sizes=batch_sizes,
+        state=jax.device_put(state, everywhere),
+        data=to_device(dataset.x_train, dataset.y_train, everywhere),
+        train_step=make_train_step(method, ctx, augment, mesh),
+    )
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run reports: the last evaluation row and where its outputs went."""
+
+    method: str
+    label: str
+    passes_per_step: int
+    last: dict[str, Any]
+    metrics_path: str
+    checkpoint_path: str | None
+    compile_seconds: float
+
+
+def _host_psi(method: Method, psi: PyTree) -> dict[str, Any]:
+    summary = jax.device_get(method.psi_summary(psi))
+    return {k: np.asarray(v).tolist() for k, v in summary.items()}
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, dataset: Dataset | None = None
+) -> RunResult:
+    """Trains one method as configured, evaluating every ``eval_every`` epochs.
+
+    Writes ``WORKDIR/config.json``, ``WORKDIR/metrics.jsonl`` (one JSON object per
+    evaluation) and, if ``config.checkpoint``, an Orbax checkpoint of the final state.
+
+    Args:
+      config: see :func:`apart_jax.config.default_config`.
+      workdir: output directory (created).
+      dataset: use this dataset instead of loading ``config.dataset``.
+
+    Raises:
+      ConfigError, DatasetError: invalid configuration or data, before anything is written.
+    """
+    run = setup_run(config, dataset)
+    method, mesh, dataset, batch_sizes = run.method, run.mesh, run.dataset, run.batch_sizes
+    state, data, num_train = run.state, run.data, len(run.dataset.y_train)
+    everywhere = replicated(mesh)
+    eval_batch_size = math.ceil(min(config.eval_batch_size, len(dataset.y_test)) / mesh.size)
+    eval_batch_size *= mesh.size
+    test = make_eval_data(dataset.x_test, dataset.y_test, eval_batch_size, everywhere)
+    eval_step = make_eval_step(
+        run.model.apply,
+        eps=config.eval_eps,
+        step_size=config.eval_pgd_step_size,
+        steps=config.eval_pgd_steps,
+        unroll=config.unroll,
+        mesh=mesh,
+    )
+    eval_key = jax.random.fold_in(jax.random.key(config.seed), _EVAL_STREAM)
+
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+    compile_start = time.perf_counter()
+    order = jax.device_put(epoch_order(config.seed, 1, num_train), everywhere)
+    compiled = {
+        size: run.train_step.in_epoch.lower(
+            state, data, order, np.int32(0), batch_size=size
+        ).compile()
+        for size in sorted(set(batch_sizes))
+    }
+    compile_seconds = time.perf_counter() - compile_start
+
+    steps_per_epoch = run.steps_per_epoch
+    total_steps = config.epochs * steps_per_epoch
+    train_seconds = 0.0
+    last: dict[str, Any] = {}
+    bar = tqdm(total=total_steps, desc=method.label, unit="step", disable=not config.progress)
+    with open(metrics_path, "w") as metrics_file, bar:
+        for epoch in range(1, config.epochs + 1):
+            epoch_start = time.perf_counter()
+            order = jax.device_put(epoch_order(config.seed, epoch, num_train), everywhere)
+            loss_sum = correct_sum = jnp.zeros((), jnp.float32)
+            seen = 0
+            start = 0
+            for i, size in enumerate(batch_sizes):
+                state, metrics = compiled[size](state, data, order, np.int32(start))
+                start += size
+                seen += size
+                loss_sum += metrics["loss"] * size
+                correct_sum += metrics["accuracy"] * size
+                bar.update(1)
+                if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
+                    bar.set_postfix(
+                        epoch=epoch,
+                        loss=f"{float(loss_sum) / seen:.3f}",
+                        acc=f"{float(correct_sum) / seen:.3f}",
+                        **({"pgd20": f"{last['pgd20_acc']:.3f}"} if last else {}),
+                    )
+            jax.block_until_ready(state)
+            train_seconds += time.perf_counter() - epoch_start
+            if epoch % config.eval_every and epoch != config.epochs:
+                continue
+            eval_start = time.perf_counter()
+            accuracies = evaluate(eval_step, state, test, eval_batch_size, eval_key)
+            last = {
+                "epoch": epoch,
+                "step": int(state.step),
+                "method": method.name,
+                "train_loss": float(loss_sum) / seen,
+                "train_acc": float(correct_sum) / seen,
+                **accuracies,
+                "train_seconds": train_seconds,
+                "eval_seconds": time.perf_counter() - eval_start,
+                "eval_examples": len(dataset.y_test),
+            }
+            if method.learns_psi:
+                last["psi"] = _host_psi(method, state.psi)
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(
+                epoch=epoch, clean=f"{last['clean_acc']:.3f}", pgd20=f"{last['pgd20_acc']:.3f}"
+            )
+
+    checkpoint_path = None
+    if config.checkpoint:
+        checkpoint_path = save_checkpoint(workdir, state, int(state.step))
+    return RunResult(
+        method=method.name,
+        label=method.label,
+        passes_per_step=method.passes_per_step,
+        last=last,
+        metrics_path=metrics_path,
+        checkpoint_path=checkpoint_path,
+        compile_seconds=compile_seconds,
+    )

@@ -1,0 +1,145 @@
+"""Attack primitives: analytic optima on a linear classifier, invariants, jit and loop forms."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apart_jax.attacks import clip_with_grad, fgsm, linf_ascent, loss_gradient, pgd
+
+NUM_FEATURES = 12
+
+
+def linear_problem(seed: int, batch: int = 6, classes: int = 2):
+    """A linear classifier x -> x W with inputs inside [0.25, 0.75] (room for eps <= 0.25)."""
+    k_w, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
+    w = jax.random.normal(k_w, (NUM_FEATURES, classes))
+    x = jax.random.uniform(k_x, (batch, NUM_FEATURES), minval=0.25, maxval=0.75)
+    y = jax.random.randint(k_y, (batch,), 0, classes)
+    return (lambda x: x @ w), w, x, y
+
+
+def binary_optimum(w, x, y, eps):
+    """For two classes, CE grows with the margin (w_other - w_true) . x: the L-inf optimum."""
+    direction = w[:, 1 - y].T - w[:, y].T
+    return x + eps * jnp.sign(direction)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.floats(0.01, 0.25))
+def test_fgsm_reaches_the_linear_optimum(seed, eps):
+    logits_fn, w, x, y = linear_problem(seed)
+    np.testing.assert_allclose(
+        fgsm(logits_fn, x, y, eps=eps), binary_optimum(w, x, y, eps), atol=1e-6
+    )
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.floats(0.01, 0.25))
+def test_pgd_reaches_the_linear_optimum_from_a_random_start(seed, eps):
+    logits_fn, w, x, y = linear_problem(seed)
+    x_adv = pgd(logits_fn, x, y, jax.random.key(seed), eps=eps, step_size=eps / 2, steps=5)
+    np.testing.assert_allclose(x_adv, binary_optimum(w, x, y, eps), atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    eps=st.floats(0.001, 1.0),
+    step_size=st.floats(0.001, 0.5),
+    steps=st.integers(1, 4),
+    classes=st.integers(2, 5),
+)
+def test_pgd_stays_in_the_ball_and_the_unit_box(seed, eps, step_size, steps, classes):
+    logits_fn, _, _, y = linear_problem(seed, classes=classes)
+    # Inputs at and near the box's faces, where clipping binds.
+    x = jax.random.choice(
+        jax.random.key(seed + 1), jnp.array([0.0, 0.01, 0.5, 0.99, 1.0]), (6, NUM_FEATURES)
+    )
+    x_adv = pgd(logits_fn, x, y, jax.random.key(seed), eps=eps, step_size=step_size, steps=steps)
+    assert jnp.all(jnp.abs(x_adv - x) <= eps + 1e-6)
+    assert jnp.all((x_adv >= 0.0) & (x_adv <= 1.0))
+
+
+def test_pgd_one_step_from_zero_init_of_size_eps_is_fgsm():
+    logits_fn, _, x, y = linear_problem(3, classes=4)
+    x_pgd = pgd(
+        logits_fn, x, y, jax.random.key(0), eps=0.1, step_size=0.1, steps=1, random_start=False
+    )
+    np.testing.assert_array_equal(x_pgd, fgsm(logits_fn, x, y, eps=0.1))
+
+
+def test_pgd_is_deterministic_in_its_key_and_jit_and_loop_forms_agree():
+    logits_fn, _, x, y = linear_problem(5, classes=3)
+
+    def attack(key, unroll):
+        return pgd(logits_fn, x, y, key, eps=0.1, step_size=0.02, steps=7, unroll=unroll)
+
+    key = jax.random.key(1)
+    reference = attack(key, True)
+    np.testing.assert_array_equal(attack(key, True), reference)
+    np.testing.assert_allclose(jax.jit(attack, static_argnums=1)(key, True), reference, atol=1e-6)
+    np.testing.assert_allclose(attack(key, False), reference, atol=1e-6)
+    assert not jnp.allclose(attack(jax.random.key(2), True), reference)
+
+
+def test_batched_attack_equals_per_example_attack():
+    logits_fn, _, x, y = linear_problem(7, classes=3)
+    key = jax.random.key(0)
+    batched = pgd(logits_fn, x, y, key, eps=0.1, step_size=0.03, steps=4, random_start=False)
+    for i in range(len(y)):
+        single = pgd(
+            logits_fn,
+            x[i : i + 1],
+            y[i : i + 1],
+            key,
+            eps=0.1,
+            step_size=0.03,
+            steps=4,
+            random_start=False,
+        )
+        np.testing.assert_allclose(single[0], batched[i], atol=1e-6)
+
+
+def test_linf_ascent_threads_its_carry_once_per_step():
+    logits_fn, _, x, y = linear_problem(1)
+
+    def grad_fn(x_adv, count):
+        return loss_gradient(logits_fn, x_adv, y), count + 1
+
+    for unroll in (True, False):
+        _, count = linf_ascent(grad_fn, x, x, 0, eps=0.1, step_size=0.01, steps=6, unroll=unroll)
+        assert int(count) == 6
+
+
+def test_clip_with_grad_passes_gradient_inside_and_at_the_bounds_only():
+    x = jnp.array([-0.5, 0.0, 0.3, 1.0, 1.5])
+    grad = jax.grad(lambda x: jnp.sum(clip_with_grad(x, 0.0, 1.0)))(x)
+    np.testing.assert_array_equal(grad, [0.0, 1.0, 1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(clip_with_grad(x, 0.0, 1.0), jnp.clip(x, 0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(eps=0.0, step_size=0.1, steps=1), "eps"),
+        (dict(eps=1.5, step_size=0.1, steps=1), "eps"),
+        (dict(eps=0.1, step_size=0.0, steps=1), "step_size"),
+        (dict(eps=0.1, step_size=0.1, steps=0), "steps"),
+    ],
+)
+def test_pgd_rejects_invalid_budgets_naming_the_argument(kwargs, message):
+    logits_fn, _, x, y = linear_problem(0)
+    with pytest.raises(ValueError, match=message):
+        pgd(logits_fn, x, y, jax.random.key(0), **kwargs)
+
+
+def test_fgsm_output_shape_and_dtype():
+    logits_fn, _, x, y = linear_problem(0)
+    chex.assert_equal_shape([fgsm(logits_fn, x, y, eps=0.1), x])
+    assert fgsm(logits_fn, x, y, eps=0.1).dtype == x.dtype

@@ -1,0 +1,320 @@
+"""Training methods: equivalences between them, a from-the-spec reference APART, and learning."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import tiny_config
+
+from apart_jax.augment import Augmentation
+from apart_jax.models import SITES
+from apart_jax.optim import cyclic_sgd
+from apart_jax.train import Batch, create_train_state, draw_batch, make_train_step, setup_run
+
+EPS = 8 / 255
+
+
+def build(digits, method, **overrides):
+    """A run on the digits with flips on (so that every transform is exercised)."""
+    return setup_run(tiny_config(method=method, flip=True, **overrides), digits)
+
+
+def fixed_batch(size=16, seed=0, pad=1):
+    rng = np.random.default_rng(seed)
+    return Batch(
+        jnp.asarray(rng.choice(1438, size, replace=False), jnp.int32),
+        Augmentation(
+            jnp.asarray(rng.integers(0, 2 * pad + 1, (size, 2)), jnp.int32),
+            jnp.asarray(rng.integers(0, 2, size).astype(bool)),
+        ),
+    )
+
+
+def with_optimizers(run, psi=None, **ctx_changes):
+    """The run's method with other optimizers (or options), from a fresh state."""
+    ctx = dataclasses.replace(run.ctx, **ctx_changes)
+    state = create_train_state(
+        run.config,
+        run.model,
+        run.method,
+        ctx,
+        image_shape=run.dataset.image_shape,
+        num_train=len(run.dataset.y_train),
+        pad=run.augment.pad,
+    )
+    if psi is not None:
+        psi = jax.tree.map(jnp.copy, psi)  # steps donate their state: never share arrays
+        state = state.replace(psi=psi)
+        state = state.replace(
+            psi_opt_state=ctx.psi_tx.init(psi),
+            psi_decay_state=ctx.weight_tx.init(psi) if ctx.psi_in_weight_optimizer else (),
+        )
+    return state, make_train_step(run.method, ctx, run.augment, run.mesh)
+
+
+def set_psi(psi, alpha, alpha_omega, layer_alpha):
+    return {
+        k: (
+            {"alpha": jnp.float32(layer_alpha)}
+            if isinstance(v, dict)
+            else jnp.float32(alpha if k == "alpha" else alpha_omega)
+        )
+        for k, v in psi.items()
+    }
+
+
+def assert_trees_close(a, b, **tolerance):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **tolerance), a, b)
+
+
+def trees_differ(a, b, atol):
+    return any(
+        not np.allclose(u, v, atol=atol)
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+SGD = optax.chain(optax.add_decayed_weights(2e-4), optax.sgd(0.1, momentum=0.9))
+
+
+def test_apart_with_psi_frozen_at_fgsm_values_takes_the_fgsm_step(digits):
+    fgsm_run = build(digits, "fgsm", model="preact_resnet18")
+    apart_run = build(digits, "apart", model="preact_resnet18")
+    frozen = dict(weight_tx=SGD, psi_tx=optax.set_to_zero(), psi_in_weight_optimizer=False)
+    fgsm_state, fgsm_step = with_optimizers(fgsm_run, weight_tx=SGD)
+    fgsm_psi = set_psi(fgsm_state.psi, alpha=EPS, alpha_omega=0.0, layer_alpha=0.0)
+    frozen_values = jax.device_get(fgsm_psi)  # steps donate their input state
+    apart_state, apart_step = with_optimizers(apart_run, psi=fgsm_psi, **frozen)
+    weaker_psi = set_psi(fgsm_state.psi, alpha=EPS / 2, alpha_omega=0.0, layer_alpha=0.0)
+    weaker_state, _ = with_optimizers(apart_run, psi=weaker_psi, **frozen)
+    for seed in (0, 1):  # two steps, so that momentum takes part
+        batch = fixed_batch(seed=seed)
+        fgsm_state, _ = fgsm_step.on_batch(fgsm_state, fgsm_run.data, batch)
+        apart_state, _ = apart_step.on_batch(apart_state, apart_run.data, batch)
+        weaker_state, _ = apart_step.on_batch(weaker_state, apart_run.data, batch)
+    assert_trees_close(apart_state.params, fgsm_state.params, rtol=1e-5, atol=1e-6)
+    assert_trees_close(apart_state.batch_stats, fgsm_state.batch_stats, rtol=1e-5, atol=1e-6)
+    assert_trees_close(apart_state.psi, frozen_values, rtol=0, atol=0)
+    # The comparison can fail: another step size leads elsewhere.
+    assert trees_differ(weaker_state.params, fgsm_state.params, atol=1e-4)
+
+
+def test_fgsm_plus_equals_apart_with_the_layer_noise_off(digits):
+    psi_tx = optax.sgd(1e-3, momentum=0.9)
+    plus_run, apart_run = build(digits, "fgsm_plus"), build(digits, "apart")
+    plus_state, plus_step = with_optimizers(plus_run, weight_tx=SGD, psi_tx=psi_tx)
+    off = set_psi(plus_state.psi, 0.02, 0.01, 0.0)
+    on = set_psi(plus_state.psi, 0.02, 0.01, 0.05)
+    plus_state, plus_step = with_optimizers(plus_run, psi=off, weight_tx=SGD, psi_tx=psi_tx)
+    apart_off, apart_step = with_optimizers(apart_run, psi=off, weight_tx=SGD, psi_tx=psi_tx)
+    apart_on, _ = with_optimizers(apart_run, psi=on, weight_tx=SGD, psi_tx=psi_tx)
+    batch = fixed_batch(seed=3)
+    plus_state, plus_metrics = plus_step.on_batch(plus_state, plus_run.data, batch)
+    apart_off, apart_metrics = apart_step.on_batch(apart_off, apart_run.data, batch)
+    apart_on, _ = apart_step.on_batch(apart_on, apart_run.data, batch)
+    for field in ("params", "batch_stats", "omega"):
+        assert_trees_close(
+            getattr(apart_off, field), getattr(plus_state, field), rtol=1e-5, atol=1e-6
+        )
+    for name in ("alpha", "alpha_omega"):
+        np.testing.assert_allclose(apart_off.psi[name], plus_state.psi[name], rtol=1e-5)
+    np.testing.assert_allclose(apart_metrics["loss"], plus_metrics["loss"], rtol=1e-6)
+    # Only APART learns the layer alphas; with them non-zero the steps differ.
+    assert float(apart_off.psi["stage1_block1"]["alpha"]) != 0.0
+    assert float(plus_state.psi["stage1_block1"]["alpha"]) == 0.0
+    assert trees_differ(apart_on.params, plus_state.params, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# A reference APART step written directly from the spec (section 4), with NumPy crops and a
+# hand-written PyTorch SGD, to check the library's step against it.
+
+
+def torch_clamp(x, lo, hi):
+    return jnp.where((x >= lo) & (x <= hi), x, jax.lax.stop_gradient(jnp.clip(x, lo, hi)))
+
+
+def crop(frame, offset, flip, size):
+    window = frame[offset[0] : offset[0] + size, offset[1] : offset[1] + size]
+    return window[:, ::-1] if flip else window
+
+
+def reference_gradients(model, params, stats, psi, x, om, y, layer_noise):
+    """Spec steps 1-6 for one batch: gradients of L1 for weights, psi and input; BN stats."""
+
+    def forward(params, stats, x_in, sites):
+        variables = {"params": params, "batch_stats": stats}
+        if sites is not None:
+            variables[SITES] = sites
+        logits, mutated = model.apply(variables, x_in, train=True, mutable=["batch_stats"])
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+        return loss, mutated["batch_stats"]
+
+    def delta_0(psi):
+        return torch_clamp(psi["alpha_omega"] * om, -EPS, EPS)
+
+    x0 = torch_clamp(x + delta_0(psi), 0.0, 1.0)
+    _, site_shapes = model.apply(
+        {"params": params, "batch_stats": stats}, x0, train=True, mutable=[SITES, "batch_stats"]
+    )
+    zeros = jax.tree.map(jnp.zeros_like, site_shapes[SITES])
+    (_, stats1), (g_x, g_sites) = jax.value_and_grad(
+        lambda xi, s: forward(params, stats, xi, s), argnums=(0, 1), has_aux=True
+    )(x0, zeros)
+
+    def loss1(params, psi, x_probe):
+        delta = torch_clamp(delta_0(psi) + psi["alpha"] * jnp.sign(g_x), -EPS, EPS)
+        x_adv = torch_clamp(x + delta, 0.0, 1.0) + x_probe
+        sites = None
+        if layer_noise:
+            sites = {
+                b: {"preact": psi[b]["alpha"] * jnp.sign(g["preact"])} for b, g in g_sites.items()
+            }
+        return forward(params, stats1, x_adv, sites)
+
+    (_, stats2), grads = jax.value_and_grad(loss1, argnums=(0, 1, 2), has_aux=True)(
+        params, psi, jnp.zeros_like(x)
+    )
+    return stats2, grads
+
+
+class TorchSGD:
+    """torch.optim.SGD(momentum, weight_decay) on a pytree, rate and momentum given per step."""
+
+    def __init__(self, weight_decay):
+        self.weight_decay, self.buffer = weight_decay, None
+
+    def step(self, value, grad, lr, momentum):
+        d = jax.tree.map(lambda g, p: g + self.weight_decay * p, grad, value)
+        if self.buffer is None:
+            self.buffer = d
+        else:
+            self.buffer = jax.tree.map(lambda b, d: momentum * b + d, self.buffer, d)
+        return jax.tree.map(lambda p, b: p - lr * b, value, self.buffer)
+
+
+def reference_apart(run, state, batches, *, peak_w, peak_p, cycle, layer_noise, quirk):
+    params, stats, psi = state.params, state.batch_stats, state.psi
+    omega_all = np.array(state.omega)
+    images = np.asarray(run.dataset.x_train, np.float32) / 255
+    weights_sgd = TorchSGD(run.config.weight_decay)
+    psi_sgd = TorchSGD(run.config.psi_weight_decay)
+    psi_in_weights_sgd = TorchSGD(run.config.weight_decay)
+    for t, batch in enumerate(batches):
+        idx = np.asarray(batch.indices)
+        offsets, flips = np.asarray(batch.aug.offsets), np.asarray(batch.aug.flips)
+        padded = np.pad(images[idx], ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=0.5)
+        x = np.stack([crop(padded[b], offsets[b], flips[b], 8) for b in range(len(idx))])
+        om = np.stack([crop(omega_all[i], offsets[b], flips[b], 8) for b, i in enumerate(idx)])
+        y = jnp.asarray(run.dataset.y_train[idx])
+        new_stats, (g_w, g_psi, g_in) = reference_gradients(
+            run.model, params, stats, psi, jnp.asarray(x), jnp.asarray(om), y, layer_noise
+        )
+        ratio = psi["alpha"] / (psi["alpha_omega"] + 1e-7)
+        new_om = np.asarray(jnp.clip(om + ratio * jnp.sign(g_in), -1, 1))
+        for b, i in enumerate(idx):
+            row, col = offsets[b]
+            window = new_om[b][:, ::-1] if flips[b] else new_om[b]
+            omega_all[i, row : row + 8, col : col + 8] = window
+
+        tri = 1 - abs(2 * (t % cycle) / cycle - 1)
+        momentum = 0.9 - 0.1 * tri
+        stats = new_stats
+        params = weights_sgd.step(params, g_w, peak_w * tri, momentum)
+        psi = psi_sgd.step(psi, jax.tree.map(jnp.negative, g_psi), peak_p * tri, momentum)
+        if quirk:
+            no_grad = jax.tree.map(jnp.zeros_like, psi)
+            psi = psi_in_weights_sgd.step(psi, no_grad, peak_w * tri, momentum)
+    return params, stats, psi, omega_all
+
+
+@pytest.mark.parametrize("method, quirk", [("apart", True), ("apart", False), ("fgsm_plus", True)])
+def test_step_matches_a_reference_written_from_the_spec(digits, method, quirk):
+    run = build(digits, method)
+    peak_w, peak_p, cycle = 0.2, 2e-4, 4
+    ctx = dict(
+        weight_tx=cyclic_sgd(peak_w, cycle, weight_decay=run.config.weight_decay),
+        psi_tx=cyclic_sgd(peak_p, cycle, weight_decay=run.config.psi_weight_decay),
+        psi_in_weight_optimizer=quirk,
+    )
+    state, step = with_optimizers(run, psi=set_psi(run.state.psi, 0.01, 0.02, 0.003), **ctx)
+    batches = [fixed_batch(seed=s) for s in (4, 5, 6)]
+    expected = reference_apart(
+        run,
+        state,
+        batches,
+        peak_w=peak_w,
+        peak_p=peak_p,
+        cycle=cycle,
+        layer_noise=method == "apart",
+        quirk=quirk,
+    )
+    for batch in batches:
+        state, _ = step.on_batch(state, run.data, batch)
+    params, stats, psi, omega = expected
+    assert_trees_close(state.params, params, rtol=1e-4, atol=1e-6)
+    assert_trees_close(state.batch_stats, stats, rtol=1e-4, atol=1e-6)
+    assert_trees_close(state.psi, psi, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(state.omega, omega, atol=1e-5)
+    assert not np.allclose(state.omega, run.state.omega)
+
+
+def test_psi_ascends_the_loss_unless_its_decay_dominates(digits):
+    run = build(digits, "apart")
+    psi_tx = optax.chain(optax.add_decayed_weights(400.0), optax.sgd(1e-6))
+    small, step = with_optimizers(
+        run,
+        psi=set_psi(run.state.psi, 1e-4, 1e-4, 0.0),
+        psi_tx=psi_tx,
+        psi_in_weight_optimizer=False,
+    )
+    # Above eps every clip binds: the loss no longer depends on alpha, only decay acts.
+    large, _ = with_optimizers(
+        run,
+        psi=set_psi(run.state.psi, 0.5, 1e-4, 0.0),
+        psi_tx=psi_tx,
+        psi_in_weight_optimizer=False,
+    )
+    batch = fixed_batch(seed=7)
+    small_after, _ = step.on_batch(small, run.data, batch)
+    large_after, _ = step.on_batch(large, run.data, batch)
+    # A larger FGSM step raises the loss of a fresh model: alpha grows.
+    assert float(small_after.psi["alpha"]) > 1e-4
+    np.testing.assert_allclose(large_after.psi["alpha"], 0.5 * (1 - 1e-6 * 400), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd"])
+def test_each_method_lowers_its_loss_on_a_fixed_batch(digits, method):
+    run = build(digits, method, pgd_steps=3)
+    state, step = with_optimizers(run, weight_tx=optax.sgd(0.2, momentum=0.9))
+    batch = fixed_batch(size=32, seed=8)
+    losses = []
+    for _ in range(10):
+        state, metrics = step.on_batch(state, run.data, batch)
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 10
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_drawn_step_equals_the_explicit_step_on_the_drawn_batch(digits):
+    run = build(digits, "fgsm_rs")
+    order = jnp.arange(1438, dtype=jnp.int32)[::-1]
+    batch = draw_batch(run.state, order, jnp.int32(32), 32, run.augment)
+    np.testing.assert_array_equal(batch.indices, order[32:64])
+    drawn, drawn_metrics = run.train_step.in_epoch(
+        jax.tree.map(jnp.copy, run.state), run.data, order, jnp.int32(32), batch_size=32
+    )
+    explicit, explicit_metrics = run.train_step.on_batch(run.state, run.data, batch)
+    assert_trees_close(drawn.params, explicit.params, rtol=0, atol=0)
+    assert float(drawn_metrics["loss"]) == float(explicit_metrics["loss"])
+
+
+def test_passes_per_step(digits):
+    expected = {"fgsm": 2, "fgsm_rs": 2, "fgsm_plus": 2, "apart": 2, "pgd": 11}
+    for name, passes in expected.items():
+        assert build(digits, name).method.passes_per_step == passes
