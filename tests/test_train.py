@@ -146,3 +146,57 @@ def test_requirements_cover_the_package_dependencies():
         requirements = {line.strip() for line in f if line.strip() and not line.startswith("#")}
     assert install_requires <= requirements
     assert any(r.startswith("importlib_resources") for r in requirements)
+
+
+FOUR_DEVICE_RUN = """
+import json, sys
+sys.path.insert(0, "tests")
+import jax
+from conftest import tiny_config
+from apart_jax.train import train_and_evaluate
+assert jax.device_count() == 4
+config = tiny_config(**json.loads(sys.argv[1]))
+print(json.dumps(train_and_evaluate(config, sys.argv[2]).last))
+"""
+
+
+@pytest.mark.parametrize("method", ["apart", "pgd"])
+def test_four_devices_give_the_metrics_of_one(tmp_path, method):
+    # 302 examples: the last batch (46) does not split evenly over 4 devices.
+    overrides = dict(
+        method=method, pgd_steps=3, epochs=2, batch_size=64, train_size=302, test_size=100
+    )
+    one = train_and_evaluate(tiny_config(**overrides), str(tmp_path / "one")).last
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", FOUR_DEVICE_RUN, json.dumps(overrides), str(tmp_path / "four")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    four = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert four["step"] == one["step"] == 10
+    for key in ("train_loss", "train_acc", "clean_acc", "pgd20_acc"):
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-5)
+    if method == "apart":
+        np.testing.assert_allclose(four["psi"]["alpha"], one["psi"]["alpha"], rtol=1e-5)
+
+
+def test_readme_library_example_runs():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    code = readme.split("## Library", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    x, x_fgsm, x_pgd = namespace["x"], namespace["x_fgsm"], namespace["x_pgd"]
+    for x_adv in (x_fgsm, x_pgd):
+        assert float(abs(x_adv - x).max()) <= 8 / 255 + 1e-6
+        assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    assert float(abs(x_pgd - x).max()) > 7 / 255
