@@ -7,14 +7,12 @@ Needs no network. Each method writes WORKDIR/METHOD/metrics.jsonl and a checkpoi
 
 from __future__ import annotations
 
-import sys
 import time
 
 from absl import app, flags
 
-from apart_jax.config import ConfigError
-from apart_jax.data import DatasetError
 from apart_jax.train import RunResult, train_and_evaluate
+from experiments.cli import quiet_logging, run_or_exit
 from experiments.configs import digits
 
 FLAGS = flags.FLAGS
@@ -67,11 +65,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.perf_counter()
-    try:
-        results = run_quickstart(FLAGS.workdir, FLAGS.methods, FLAGS.epochs, FLAGS.width)
-    except (ConfigError, DatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    quiet_logging()
+    results = run_or_exit(
+        lambda: run_quickstart(FLAGS.workdir, FLAGS.methods, FLAGS.epochs, FLAGS.width)
+    )
     config = digits.get_config()
     width = FLAGS.width or config.width
     print(

@@ -9,14 +9,11 @@ Invalid settings or data exit with one line on stderr and status 2.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from apart_jax.config import ConfigError
-from apart_jax.data import DatasetError
 from apart_jax.train import train_and_evaluate
+from experiments.cli import quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
@@ -27,11 +24,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, DatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    quiet_logging()
+    result = run_or_exit(lambda: train_and_evaluate(FLAGS.config, FLAGS.workdir))
     last = result.last
     print(
         f"{result.label}: clean {last['clean_acc']:.2%}, PGD-20 {last['pgd20_acc']:.2%} "

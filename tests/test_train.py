@@ -136,6 +136,7 @@ def test_quickstart_command_on_a_reduced_size(tmp_path):
         assert rows[-1]["epoch"] == 1 and set(rows[-1]) >= REQUIRED_FIELDS
         assert (tmp_path / name / "checkpoints").is_dir()
     assert "%|" in proc.stderr  # the progress bar
+    assert "checkpoint_manager" not in proc.stderr  # no INFO logs from Orbax
 
 
 def test_requirements_cover_the_package_dependencies():

@@ -5,6 +5,7 @@ A method is an object with
 * ``name`` (registry key), ``label`` (for tables) and ``passes_per_step`` (forward +
   backward passes per step, the paper's cost measure);
 * ``learns_psi`` / ``uses_omega``: whether the state carries psi optimizers and Omega;
+  a method that learns psi also has ``psi_summary(psi) -> dict`` of the values to log;
 * ``step(ctx, state, inputs) -> (state, metrics)``: one pure training step, with
   ``metrics = {"loss": mean training loss, "accuracy": mean accuracy on the training
   inputs the weights were fitted to}``.
