@@ -1,4 +1,4 @@
-"""Attack primitives: pure functions of a logits closure.
+"""Core attack primitives: projections, the signed-gradient loop, FGSM and PGD.
 
 An attack takes ``logits_fn(x) -> logits`` (inputs (B, ...) in [0, 1], logits (B, K)),
 clean inputs ``x``, integer labels ``y`` (B,) and, where it draws noise, an explicit PRNG
@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
-import optax
+
+from apart_jax.attacks.losses import cross_entropy
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 Carry = TypeVar("Carry")
@@ -34,11 +35,6 @@ def default_unroll() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example softmax cross-entropy: logits (B, K), integer labels (B,) -> (B,)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
 def clip_with_grad(x: jax.Array, lo: Any, hi: Any) -> jax.Array:
     """``clip(x, lo, hi)`` whose gradient passes (factor 1) where lo <= x <= hi, else 0.
 
@@ -52,6 +48,26 @@ def clip_with_grad(x: jax.Array, lo: Any, hi: Any) -> jax.Array:
 def project_linf(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
     """Projects ``x_adv`` onto the L-inf ball of radius eps around ``x``, then onto [0, 1]."""
     return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
+
+
+def l2_norm(x: jax.Array) -> jax.Array:
+    """Per-example L2 norm of a batch (B, ...) -> (B,)."""
+    return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=-1))
+
+
+def l2_normalize(x: jax.Array, tiny: float = 1e-12) -> jax.Array:
+    """Scales each example of ``x`` (B, ...) to unit L2 norm (zero stays zero)."""
+    return x / (l2_norm(x) + tiny).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def project_l2(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
+    """Projects ``x_adv`` onto the L2 ball of radius eps around ``x``, then clips to [0, 1].
+
+    The box clip can only shrink the perturbation, so the result stays in the ball.
+    """
+    delta = x_adv - x
+    scale = jnp.minimum(1.0, eps / (l2_norm(delta) + 1e-12))
+    return jnp.clip(x + delta * scale.reshape((-1,) + (1,) * (x.ndim - 1)), 0.0, 1.0)
 
 
 def uniform_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
