@@ -10,7 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apart_jax.attacks import clip_with_grad, fgsm, linf_ascent, loss_gradient, pgd
+from apart_jax.attacks import (
+    clip_with_grad,
+    cw_linf,
+    dlr_loss,
+    fgsm,
+    gradient_ascent,
+    loss_gradient,
+    margin_loss,
+    pgd,
+    targeted_dlr_loss,
+)
 
 NUM_FEATURES = 12
 
@@ -106,14 +116,16 @@ def test_batched_attack_equals_per_example_attack():
         np.testing.assert_allclose(single[0], batched[i], atol=1e-6)
 
 
-def test_linf_ascent_threads_its_carry_once_per_step():
+def test_gradient_ascent_threads_its_carry_once_per_step():
     logits_fn, _, x, y = linear_problem(1)
 
     def grad_fn(x_adv, count):
         return loss_gradient(logits_fn, x_adv, y), count + 1
 
     for unroll in (True, False):
-        _, count = linf_ascent(grad_fn, x, x, 0, eps=0.1, step_size=0.01, steps=6, unroll=unroll)
+        _, count = gradient_ascent(
+            grad_fn, x, x, 0, eps=0.1, step_size=0.01, steps=6, unroll=unroll
+        )
         assert int(count) == 6
 
 
@@ -143,3 +155,75 @@ def test_fgsm_output_shape_and_dtype():
     logits_fn, _, x, y = linear_problem(0)
     chex.assert_equal_shape([fgsm(logits_fn, x, y, eps=0.1), x])
     assert fgsm(logits_fn, x, y, eps=0.1).dtype == x.dtype
+
+
+def test_losses_on_hand_computed_logits():
+    logits = jnp.array([[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, 5.0]])
+    y, t = jnp.array([0, 1]), jnp.array([1, 2])
+    np.testing.assert_allclose(margin_loss(logits, y), [1.0 - 3.0, 5.0 - 2.0])
+    # DLR: margin / (z_pi1 - z_pi3); sorted rows are (3, 1, 0, -1) and (5, 2, 1, 0).
+    np.testing.assert_allclose(dlr_loss(logits, y), [-2.0 / 3.0, 3.0 / 4.0], rtol=1e-6)
+    # Targeted DLR: (z_t - z_y) / (z_pi1 - (z_pi3 + z_pi4) / 2).
+    np.testing.assert_allclose(
+        targeted_dlr_loss(logits, y, t), [(1.0 - 3.0) / 3.5, (1.0 - 2.0) / 4.5], rtol=1e-6
+    )
+    np.testing.assert_allclose(dlr_loss(10 * logits + 7, y), dlr_loss(logits, y), rtol=1e-5)
+
+
+def test_l2_pgd_reaches_the_linear_optimum():
+    logits_fn, w, x, y = linear_problem(11)
+    direction = w[:, 1 - y].T - w[:, y].T
+    optimum = x + 0.5 * direction / jnp.linalg.norm(direction, axis=1, keepdims=True)
+    x_adv = pgd(
+        logits_fn,
+        x,
+        y,
+        jax.random.key(0),
+        eps=0.5,
+        step_size=0.2,
+        steps=4,
+        norm="l2",
+        random_start=False,
+    )
+    np.testing.assert_allclose(x_adv, optimum, atol=1e-5)
+    randomized = pgd(logits_fn, x, y, jax.random.key(0), eps=0.5, step_size=0.2, steps=3, norm="l2")
+    assert float(jnp.max(jnp.linalg.norm(randomized - x, axis=1))) <= 0.5 + 1e-5
+
+
+def test_restarts_keep_the_worst_point_per_example():
+    logits_fn, _, x, y = linear_problem(12, batch=64, classes=5)
+    kwargs = dict(eps=0.05, step_size=0.02, steps=2, loss="margin")
+    key = jax.random.key(3)
+    single = pgd(logits_fn, x, y, key, **kwargs)
+    several = pgd(logits_fn, x, y, key, restarts=4, **kwargs)
+    fooled_single = jnp.argmax(logits_fn(single), -1) != y
+    fooled_several = jnp.argmax(logits_fn(several), -1) != y
+    assert bool(jnp.all(fooled_several | ~fooled_single))  # restart 0 is the single run
+    unfooled = ~fooled_several
+    gain = margin_loss(logits_fn(several), y) - margin_loss(logits_fn(single), y)
+    assert bool(jnp.all(jnp.where(unfooled, gain, 0.0) >= -1e-6))
+    assert int(jnp.sum(fooled_several)) >= int(jnp.sum(fooled_single))
+
+
+def test_targeted_pgd_reaches_the_target_and_cw_is_pgd_on_the_margin():
+    logits_fn, _, x, y = linear_problem(13, batch=8, classes=3)
+    targets = (y + 1) % 3
+    x_adv = pgd(
+        logits_fn,
+        x,
+        y,
+        jax.random.key(0),
+        eps=1.0,
+        step_size=0.1,
+        steps=20,
+        targeted=True,
+        targets=targets,
+    )
+    np.testing.assert_array_equal(jnp.argmax(logits_fn(x_adv), -1), targets)
+    key = jax.random.key(4)
+    np.testing.assert_array_equal(
+        cw_linf(logits_fn, x, y, key, eps=0.1, step_size=0.02, steps=3),
+        pgd(logits_fn, x, y, key, eps=0.1, step_size=0.02, steps=3, loss="margin"),
+    )
+    with pytest.raises(ValueError, match="targets"):
+        pgd(logits_fn, x, y, key, eps=0.1, step_size=0.1, steps=1, targeted=True)

@@ -190,14 +190,19 @@ def test_four_devices_give_the_metrics_of_one(tmp_path, method):
         np.testing.assert_allclose(four["psi"]["alpha"], one["psi"]["alpha"], rtol=1e-5)
 
 
-def test_readme_library_example_runs():
+def test_readme_library_examples_run():
     with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    code = readme.split("## Library", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+        library = f.read().split("## Library", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in library.split("```python")[1:]]
+    assert len(blocks) == 2
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile("\n".join(blocks), "README.md", "exec"), namespace)
     x, x_fgsm, x_pgd = namespace["x"], namespace["x_fgsm"], namespace["x_pgd"]
     for x_adv in (x_fgsm, x_pgd):
         assert float(abs(x_adv - x).max()) <= 8 / 255 + 1e-6
         assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
     assert float(abs(x_pgd - x).max()) > 7 / 255
+    result = namespace["result"]
+    assert [s.attack for s in result.stages] == ["apgd-ce", "apgd-dlr"]
+    assert result.clean_accuracy == 1.0
+    assert result.robust_accuracy <= namespace["pgd_result"].accuracy + 1e-9

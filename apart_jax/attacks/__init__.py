@@ -7,23 +7,46 @@ key; it returns adversarial inputs of the same shape and dtype, inside the eps-b
 inference mode is the caller's choice of closure. They work under ``jax.jit``.
 """
 
+from apart_jax.attacks.apgd import apgd, apgd_targeted
 from apart_jax.attacks.core import (
+    attack_loss,
     clip_with_grad,
+    cw_linf,
     default_unroll,
     fgsm,
+    gradient_ascent,
     l2_norm,
     l2_normalize,
-    linf_ascent,
     loss_gradient,
     pgd,
+    project,
     project_l2,
     project_linf,
+    random_init,
+    steepest_direction,
     uniform_start,
 )
 from apart_jax.attacks.counting import PassCount, counting
+from apart_jax.attacks.fab import fab, fab_targeted
 from apart_jax.attacks.losses import cross_entropy, dlr_loss, margin_loss, targeted_dlr_loss
+from apart_jax.attacks.square import square
+from apart_jax.attacks.suite import AUTOATTACK, autoattack, make_attack, run_suite
 
 __all__ = [
+    "AUTOATTACK",
+    "apgd",
+    "apgd_targeted",
+    "autoattack",
+    "fab",
+    "fab_targeted",
+    "make_attack",
+    "run_suite",
+    "square",
+    "attack_loss",
+    "cw_linf",
+    "project",
+    "random_init",
+    "steepest_direction",
     "PassCount",
     "counting",
     "l2_norm",
@@ -34,7 +57,7 @@ __all__ = [
     "default_unroll",
     "dlr_loss",
     "fgsm",
-    "linf_ascent",
+    "gradient_ascent",
     "loss_gradient",
     "margin_loss",
     "pgd",

@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
-from apart_jax.attacks.losses import cross_entropy
+from apart_jax.attacks.losses import cross_entropy, dlr_loss, margin_loss, targeted_dlr_loss
 
 LogitsFn = Callable[[jax.Array], jax.Array]
+NORMS = ("linf", "l2")
 Carry = TypeVar("Carry")
 
 
@@ -76,7 +77,30 @@ def uniform_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
     return jnp.clip(x + noise, 0.0, 1.0)
 
 
-def linf_ascent(
+def project(x_adv: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
+    """Projects onto the ``norm`` ("linf" or "l2") ball of radius eps around ``x`` and [0, 1]."""
+    return project_linf(x_adv, x, eps) if norm == "linf" else project_l2(x_adv, x, eps)
+
+
+def steepest_direction(grad: jax.Array, norm: str) -> jax.Array:
+    """The ascent direction for ``norm``: sign(grad) (L-inf) or grad / ||grad||_2 (L2)."""
+    return jnp.sign(grad) if norm == "linf" else l2_normalize(grad)
+
+
+def random_init(key: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
+    """A random point of the ``norm`` ball around ``x``, clipped to [0, 1].
+
+    L-inf: uniform in the cube. L2: a uniform direction at a radius eps * U(0, 1).
+    """
+    if norm == "linf":
+        return uniform_start(key, x, eps)
+    k_dir, k_radius = jax.random.split(key)
+    direction = l2_normalize(jax.random.normal(k_dir, x.shape, x.dtype))
+    radius = eps * jax.random.uniform(k_radius, (x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
+    return jnp.clip(x + radius * direction, 0.0, 1.0)
+
+
+def gradient_ascent(
     grad_fn: Callable[[jax.Array, Carry], tuple[jax.Array, Carry]],
     x: jax.Array,
     x_start: jax.Array,
@@ -85,9 +109,13 @@ def linf_ascent(
     eps: float,
     step_size: float,
     steps: int,
+    norm: str = "linf",
     unroll: bool | None = None,
 ) -> tuple[jax.Array, Carry]:
-    """``steps`` signed-gradient ascent steps, each projected onto the eps-ball and [0, 1].
+    """``steps`` steepest-ascent steps, each projected onto the eps-ball and [0, 1].
+
+    Each step moves ``step_size`` along :func:`steepest_direction` (signed gradient for
+    L-inf, normalized gradient for L2).
 
     Args:
       grad_fn: ``(x_adv, carry) -> (gradient of the loss at x_adv, new carry)``.
@@ -95,6 +123,7 @@ def linf_ascent(
       x_start: the starting point, inside the ball.
       carry: threaded through ``grad_fn`` (for example BN statistics); any pytree.
       eps, step_size, steps: ball radius, step length, number of steps (static int).
+      norm: "linf" or "l2".
       unroll: unroll the loop into straight-line code (``True``) or run a rolled
         ``lax.fori_loop``; ``None`` takes :func:`default_unroll`.
 
@@ -105,7 +134,7 @@ def linf_ascent(
     def body(_, state):
         x_adv, carry = state
         grad, carry = grad_fn(x_adv, carry)
-        return project_linf(x_adv + step_size * jnp.sign(grad), x, eps), carry
+        return project(x_adv + step_size * steepest_direction(grad, norm), x, eps, norm), carry
 
     if default_unroll() if unroll is None else unroll:
         # Straight-line code: ``fori_loop(..., unroll=True)`` still leaves a one-trip loop
@@ -125,13 +154,62 @@ def loss_gradient(logits_fn: LogitsFn, x: jax.Array, y: jax.Array) -> jax.Array:
     return jax.grad(lambda x: jnp.sum(cross_entropy(logits_fn(x), y)))(x)
 
 
-def _check_budget(eps: float, step_size: float | None = None, steps: int | None = None) -> None:
-    if not 0.0 < eps <= 1.0:
-        raise ValueError(f"eps must be in (0, 1], got {eps}")
+def _check_budget(
+    eps: float,
+    step_size: float | None = None,
+    steps: int | None = None,
+    norm: str = "linf",
+) -> None:
+    """Raises ValueError naming the first invalid attack argument."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not (0.0 < eps <= 1.0 if norm == "linf" else eps > 0.0):
+        bound = "(0, 1]" if norm == "linf" else "(0, inf)"
+        raise ValueError(f"eps must be in {bound} for norm {norm!r}, got {eps}")
     if step_size is not None and not step_size > 0:
         raise ValueError(f"step_size must be positive, got {step_size}")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if steps is not None:
+        check_positive_int("steps", steps)
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is an int >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_unroll(unroll: object) -> None:
+    """Raises ValueError unless ``unroll`` is a bool or a positive int (``lax.fori_loop``'s)."""
+    if not isinstance(unroll, bool) and (not isinstance(unroll, int) or unroll < 1):
+        raise ValueError(f"unroll must be a positive int or a bool, got {unroll!r}")
+
+
+def check_labels(x: jax.Array, y: jax.Array) -> None:
+    """Raises ValueError unless ``x`` is a batch (B, ...) and ``y`` has shape (B,)."""
+    if jnp.ndim(x) < 2:
+        raise ValueError(f"x must be a batch (B, ...), got shape {jnp.shape(x)}")
+    if jnp.shape(y) != jnp.shape(x)[:1]:
+        raise ValueError(f"y must have shape ({jnp.shape(x)[0]},), got {jnp.shape(y)}")
+
+
+def ranked_targets(clean_logits: jax.Array, n_target_classes: int) -> jax.Array:
+    """Target classes of the targeted attacks: ranks 2 .. n + 1 of the clean logits.
+
+    Args:
+      clean_logits: (B, K) logits at the clean inputs.
+      n_target_classes: n in [1, K - 1] (AutoAttack uses 9).
+
+    Returns:
+      (n, B) int: row j holds, per example, the class with the (j + 2)-th largest logit.
+    """
+    check_positive_int("n_target_classes", n_target_classes)
+    classes = clean_logits.shape[-1]
+    if n_target_classes > classes - 1:
+        raise ValueError(
+            f"n_target_classes must be in [1, K - 1] = [1, {classes - 1}], got {n_target_classes}"
+        )
+    ranked = jnp.flip(jnp.argsort(clean_logits, axis=-1), axis=-1)
+    return ranked[:, 1 : n_target_classes + 1].T
 
 
 def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps: float) -> jax.Array:
@@ -149,6 +227,25 @@ def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps: float) -> jax.
     return project_linf(x + eps * jnp.sign(loss_gradient(logits_fn, x, y)), x, eps)
 
 
+def attack_loss(name: str, logits: jax.Array, y: jax.Array, targets: jax.Array | None):
+    """Per-example loss ``name`` to maximize; targeted losses need ``targets`` (B,).
+
+    "ce" (cross-entropy; targeted: minus the CE of the target), "margin" (C&W; targeted:
+    target logit minus the largest other), "dlr" (targeted: the targeted DLR).
+    """
+    if targets is None:
+        losses = {"ce": cross_entropy, "margin": margin_loss, "dlr": dlr_loss}
+        return losses[name](logits, y)
+    if name == "ce":
+        return -cross_entropy(logits, targets)
+    if name == "margin":
+        return -margin_loss(logits, targets)
+    return targeted_dlr_loss(logits, y, targets)
+
+
+LOSSES = ("ce", "margin", "dlr")
+
+
 def pgd(
     logits_fn: LogitsFn,
     x: jax.Array,
@@ -158,37 +255,104 @@ def pgd(
     eps: float,
     step_size: float,
     steps: int,
+    restarts: int = 1,
+    norm: str = "linf",
+    loss: str = "ce",
+    targeted: bool = False,
+    targets: jax.Array | None = None,
     random_start: bool = True,
     unroll: bool | None = None,
 ) -> jax.Array:
-    """L-inf PGD on the cross-entropy (Madry et al. 2018).
+    """PGD (Madry et al. 2018): projected steepest ascent on a loss, with restarts.
 
-    Each step moves ``step_size * sign(grad)`` and projects onto the eps-ball and [0, 1].
+    Each step moves ``step_size`` along sign(grad) (L-inf) or grad / ||grad||_2 (L2) and
+    projects onto the eps-ball and [0, 1]. With several restarts each example keeps the
+    worst point found: a misclassified one (reaching the target, if targeted) wins, then
+    the higher loss.
 
     Args:
       logits_fn: inputs (B, ...) in [0, 1] -> logits (B, K).
       x: clean inputs in [0, 1]; y: integer labels (B,).
-      key: PRNG key for the random start.
-      eps: L-inf radius in (0, 1]; step_size: positive step; steps: positive int (static).
-      random_start: start at a uniform point of the ball (default) or at ``x``.
-      unroll: unroll the loop; ``None`` takes :func:`default_unroll`.
+      key: PRNG key for the random starts.
+      eps: radius, in (0, 1] for L-inf; step_size: positive; steps: positive int (static).
+      restarts: independent random starts (each adds ``steps`` forward and backward passes
+        and, when there are several, one forward pass to compare them).
+      norm: "linf" or "l2".
+      loss: "ce" (cross-entropy), "margin" (C&W: PGD on the margin loss) or "dlr".
+      targeted: move towards ``targets`` (B,) instead of away from ``y``.
+      random_start: start at a random point of the ball (default) or at ``x``.
+      unroll: unroll the step loop; ``None`` takes :func:`default_unroll`.
 
     Returns:
       Adversarial inputs, same shape and dtype as ``x``.
     """
-    _check_budget(eps, step_size, steps)
+    _check_budget(eps, step_size, steps, norm)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    check_positive_int("restarts", restarts)
+    if targeted != (targets is not None):
+        raise ValueError("targets must be given exactly when targeted=True")
+
+    def objective(x_adv):
+        return attack_loss(loss, logits_fn(x_adv), y, targets)
 
     def grad_fn(x_adv, carry):
-        return loss_gradient(logits_fn, x_adv, y), carry
+        return jax.grad(lambda x_adv: jnp.sum(objective(x_adv)))(x_adv), carry
 
-    x_adv, _ = linf_ascent(
-        grad_fn,
+    best = best_score = None
+    for restart in range(restarts):
+        k = jax.random.fold_in(key, restart)
+        x_start = random_init(k, x, eps, norm) if random_start else x
+        x_adv, _ = gradient_ascent(
+            grad_fn,
+            x,
+            x_start,
+            None,
+            eps=eps,
+            step_size=step_size,
+            steps=steps,
+            norm=norm,
+            unroll=unroll,
+        )
+        if restarts == 1:
+            return x_adv
+        logits = logits_fn(x_adv)
+        success = jnp.argmax(logits, -1) == targets if targeted else jnp.argmax(logits, -1) != y
+        score = jnp.where(success, jnp.inf, attack_loss(loss, logits, y, targets))
+        if best is None:
+            best, best_score = x_adv, score
+        else:
+            better = score > best_score
+            best = jnp.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), x_adv, best)
+            best_score = jnp.maximum(score, best_score)
+    return best
+
+
+def cw_linf(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    restarts: int = 1,
+    unroll: bool | None = None,
+) -> jax.Array:
+    """The C&W-style L-inf attack (Carlini & Wagner 2017): PGD on the margin loss.
+
+    The margin is the largest other logit minus the true one; see :func:`pgd` for the args.
+    """
+    return pgd(
+        logits_fn,
         x,
-        uniform_start(key, x, eps) if random_start else x,
-        None,
+        y,
+        key,
         eps=eps,
         step_size=step_size,
         steps=steps,
+        restarts=restarts,
+        loss="margin",
         unroll=unroll,
     )
-    return x_adv

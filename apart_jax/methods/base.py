@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from apart_jax.attacks import cross_entropy, linf_ascent, uniform_start
+from apart_jax.attacks import cross_entropy, gradient_ascent, uniform_start
 from apart_jax.models.perturbation import SITES
 from apart_jax.state import StepContext, StepInputs, TrainState
 
@@ -129,7 +129,7 @@ class AttackThenDescend:
             return grad, new_stats
 
         x_start = uniform_start(inputs.key, x, ctx.eps) if self.random_start else x
-        x_adv, batch_stats = linf_ascent(
+        x_adv, batch_stats = gradient_ascent(
             grad_fn,
             x,
             x_start,

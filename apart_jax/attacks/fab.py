@@ -1,0 +1,424 @@
+"""FAB: the Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), L-inf and L2.
+
+"Minimally distorted adversarial examples with a fast adaptive boundary attack",
+F. Croce and M. Hein, ICML 2020. FAB looks for the adversarial point of smallest norm:
+at each step it linearizes the decision boundary between the true class and a target class
+(or, untargeted, the closest linearized boundary of all other classes), projects both the
+current point and the original point onto that hyperplane intersected with the box [0, 1],
+and moves to a biased combination of the two projections, extrapolated by ``eta``. A point
+that is adversarial is recorded if it beats the best norm so far and is then pulled back
+toward the original by ``beta``. :func:`fab_targeted` is FAB-T, the targeted version that
+AutoAttack runs, over the target classes ranked 2 .. n_target_classes + 1 by clean logit.
+
+Conventions as in :mod:`apart_jax.attacks`: ``logits_fn(x) -> logits`` with inputs (B, ...)
+in [0, 1] and logits (B, K); integer labels ``y`` (B,); explicit PRNG key; the result has the
+shape and dtype of ``x``, lies in [0, 1] and in the ``norm`` ball of radius ``eps`` around
+``x``. A returned point differs from ``x`` only where FAB found a misclassified point of
+norm <= eps (FAB reports only successes within eps); everywhere else it is ``x`` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from apart_jax.attacks.core import (
+    _check_budget,
+    check_labels,
+    check_positive_int,
+    check_unroll,
+    ranked_targets,
+)
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+#: Floor on the norms of the two projection steps in the bias weight (reference value).
+_MIN_STEP_NORM = 1e-8
+
+
+def _suffix_sum(v: jax.Array) -> jax.Array:
+    """``out[:, k] = sum(v[:, k:])``, accumulated from the right (exact zeros stay zero)."""
+    return jnp.cumsum(v[:, ::-1], axis=1)[:, ::-1]
+
+
+def hyperplane_box_projection(
+    points: jax.Array, w: jax.Array, b: jax.Array, *, norm: str = "linf"
+) -> jax.Array:
+    """The smallest step onto the hyperplane ``w . z = b`` that stays in the box [0, 1].
+
+    Solves, per row, ``min ||d||  s.t.  w . (p + d) = b,  0 <= p + d <= 1`` for the L-inf
+    or L2 norm; the exact counterpart of the reference ``projection_linf`` /
+    ``projection_l2`` of FAB (Croce & Hein 2020), vectorized: instead of the reference's
+    bisection it sorts the breakpoints of the piecewise-linear map "step size -> change of
+    ``w . z``" and finds the active piece with cumulative sums.
+
+    Moving coordinate i towards reducing ``|w . z - b|`` has room ``r_i`` before the box
+    face. The optimal steps are ``|d_i| = min(lam, r_i)`` (L-inf) or
+    ``|d_i| = min(lam |w_i|, r_i)`` (L2), with the smallest ``lam >= 0`` that reaches the
+    hyperplane. Among the L-inf minimizers (not unique) this is the one the reference picks.
+    When the hyperplane misses the box, the result is the move to the box corner that comes
+    closest to it (reference behaviour). Coordinates with ``w_i == 0`` do not move.
+
+    Args:
+      points: (B, n) points in [0, 1]; w: (B, n) normals; b: (B,) offsets.
+      norm: "linf" or "l2".
+
+    Returns:
+      The step ``d`` (B, n); ``points + d`` lies in [0, 1].
+    """
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be one of ('linf', 'l2'), got {norm!r}")
+    n = points.shape[1]
+    gap = jnp.sum(w * points, axis=1) - b
+    # Orient the problem so that w . z must decrease by `need` >= 0.
+    w = jnp.where((gap >= 0)[:, None], w, -w)
+    need = jnp.abs(gap)
+    moves = w != 0
+    down = w > 0  # coordinates that must decrease (towards 0) to lower w . z
+    room = jnp.maximum(jnp.where(down, points, 1.0 - points), 0.0)
+    room = jnp.where(moves, room, 0.0)
+    weight = jnp.abs(w)
+    # Per coordinate, the change of w . z is `weight * min(lam * slope, room)`.
+    slope = jnp.ones_like(weight) if norm == "linf" else weight
+    safe_slope = jnp.where(moves, slope, 1.0)
+    breakpoint_ = jnp.where(moves, room / safe_slope, jnp.inf)
+    order = jnp.argsort(breakpoint_, axis=1)
+    bp = jnp.take_along_axis(breakpoint_, order, axis=1)
+    gain = jnp.take_along_axis(weight * room, order, axis=1)  # saturated change
+    rate = jnp.take_along_axis(weight * slope, order, axis=1)  # d(change)/d(lam) unsaturated
+    saturated = jnp.cumsum(gain, axis=1)  # change of the coordinates 0..k, all saturated
+    rate_from = _suffix_sum(rate)  # rate of the coordinates k.., unsaturated below bp[k]
+    rate_after = jnp.pad(rate_from[:, 1:], ((0, 0), (0, 1)))
+    # The total change at lam = bp[k], nondecreasing in k.
+    reached = saturated + jnp.where(rate_after > 0, bp * rate_after, 0.0)
+    # Index of the piece [bp[m - 1], bp[m]] where the total change crosses `need`.
+    m = jnp.sum(reached < need[:, None], axis=1)
+    feasible = m < n
+    mi = jnp.minimum(m, n - 1)[:, None]
+    saturated_before = jnp.pad(saturated[:, :-1], ((0, 0), (1, 0)))
+    saturated_before = jnp.take_along_axis(saturated_before, mi, axis=1)[:, 0]
+    rate_from = jnp.take_along_axis(rate_from, mi, axis=1)[:, 0]
+    lam = jnp.where(
+        rate_from > 0, (need - saturated_before) / jnp.where(rate_from > 0, rate_from, 1.0), 0.0
+    )
+    lam = jnp.maximum(lam, 0.0)
+    amount = jnp.where(feasible[:, None], jnp.minimum(lam[:, None] * slope, room), room)
+    return jnp.where(moves, jnp.where(down, -amount, amount), 0.0).astype(points.dtype)
+
+
+def _norm(delta: jax.Array, norm: str) -> jax.Array:
+    """Per-row L-inf or L2 norm of a flat batch (B, n) -> (B,)."""
+    if norm == "linf":
+        return jnp.max(jnp.abs(delta), axis=1)
+    return jnp.sqrt(jnp.sum(jnp.square(delta), axis=1))
+
+
+def _dual_norm(g: jax.Array, norm: str) -> jax.Array:
+    """The dual norm over the last axis: L1 for L-inf, L2 for L2."""
+    if norm == "linf":
+        return jnp.sum(jnp.abs(g), axis=-1)
+    return jnp.sqrt(jnp.sum(jnp.square(g), axis=-1))
+
+
+def _boundary(logits, vjp_fn, x_lin, x1, y, targets, norm):
+    """The linearized boundary ``w . z = b`` to project on, from the pass at ``x_lin``.
+
+    ``f(z) ~ f(x_lin) + g . (z - x_lin)`` with ``f = z_t - z_y`` (targeted; 1 backward pass)
+    or, untargeted, the ``f = z_c - z_y`` over c != y whose linearized boundary is closest to
+    the current point ``x1`` (1 backward pass per other class). Returns ``(w, b)`` with
+    ``w = g`` and ``b = g . x_lin - f(x_lin)``.
+    """
+    batch, classes = logits.shape
+    rows = jnp.arange(batch)
+
+    def linearized(other):
+        cotangent = jax.nn.one_hot(other, classes, dtype=logits.dtype) - jax.nn.one_hot(
+            y, classes, dtype=logits.dtype
+        )
+        (g,) = vjp_fn(cotangent)
+        return g, jnp.sum(g * x_lin, axis=1) - (logits[rows, other] - logits[rows, y])
+
+    if targets is not None:
+        return linearized(targets)
+    best_dist = best_w = best_b = None
+    for j in range(classes - 1):
+        g, b = linearized(jnp.where(j < y, j, j + 1))  # the j-th class other than y
+        dist = jnp.abs(jnp.sum(g * x1, axis=1) - b) / (1e-12 + _dual_norm(g, norm))
+        if best_dist is None:
+            best_dist, best_w, best_b = dist, g, b
+        else:
+            closer = dist < best_dist
+            best_dist = jnp.where(closer, dist, best_dist)
+            best_w = jnp.where(closer[:, None], g, best_w)
+            best_b = jnp.where(closer, b, best_b)
+    return best_w, best_b
+
+
+def _random_start(key, x0, radius, norm):
+    """A random point on the ``norm`` sphere of radius ``radius`` (B,) around x0, in [0, 1]."""
+    if norm == "linf":
+        t = jax.random.uniform(key, x0.shape, x0.dtype, -1.0, 1.0)
+        t = t / jnp.maximum(jnp.max(jnp.abs(t), axis=1, keepdims=True), 1e-12)
+    else:
+        t = jax.random.normal(key, x0.shape, x0.dtype)
+        t = t / jnp.maximum(jnp.sqrt(jnp.sum(t * t, axis=1, keepdims=True)), 1e-12)
+    return jnp.clip(x0 + radius[:, None] * t, 0.0, 1.0)
+
+
+def _fab_search(
+    logits_fn, x, y, key, targets, *, eps, norm, steps, restarts, alpha_max, eta, beta, unroll
+):
+    """The FAB search: ``(best_adv (B, n), best_norm (B,))``, inf norm where none found.
+
+    Passes: per restart ``steps + 1`` forward and ``steps`` backward (targeted) or
+    ``steps * (K - 1)`` backward (untargeted) passes.
+    """
+    shape = x.shape
+    batch = shape[0]
+    x0 = x.reshape(batch, -1)
+    best = x0
+    best_norm = jnp.full((batch,), jnp.inf, x0.dtype)
+
+    def record(x1, logits, best, best_norm, active):
+        """Keeps adversarial ``x1`` that beat the best norm; pulls them back by beta."""
+        adversarial = (jnp.argmax(logits, axis=-1) != y) & active
+        size = _norm(x1 - x0, norm)
+        better = adversarial & (size < best_norm)
+        best = jnp.where(better[:, None], x1, best)
+        best_norm = jnp.where(better, size, best_norm)
+        x1 = jnp.where(adversarial[:, None], x0 + beta * (x1 - x0), x1)
+        return x1, best, best_norm
+
+    for restart in range(restarts):
+        if restart == 0:
+            x_start = x0
+        else:
+            radius = 0.5 * jnp.minimum(best_norm, eps)
+            x_start = _random_start(jax.random.fold_in(key, restart), x0, radius, norm)
+
+        def body(k, state, check_start=restart == 0):
+            x1, best, best_norm = state
+            x_lin = x1
+            logits, vjp_fn = jax.vjp(lambda z: logits_fn(z.reshape(shape)), x_lin)
+            # Step k checks the point made by step k - 1 (restart 0 also checks x itself;
+            # the reference never checks a random start).
+            active = jnp.logical_or(k > 0, check_start)
+            x1, best, best_norm = record(x1, logits, best, best_norm, active)
+            # The boundary linearized at x_lin; a pulled-back x1 is projected onto it too.
+            w, b = _boundary(logits, vjp_fn, x_lin, x1, y, targets, norm)
+            d = hyperplane_box_projection(
+                jnp.concatenate([x1, x0]),
+                jnp.concatenate([w, w]),
+                jnp.concatenate([b, b]),
+                norm=norm,
+            )
+            d1, d2 = d[:batch], d[batch:]
+            a1 = jnp.maximum(_norm(d1, norm), _MIN_STEP_NORM)
+            a2 = jnp.maximum(_norm(d2, norm), _MIN_STEP_NORM)
+            alpha = jnp.minimum(a1 / (a1 + a2), alpha_max)[:, None]
+            x1 = jnp.clip((x1 + eta * d1) * (1.0 - alpha) + (x0 + eta * d2) * alpha, 0.0, 1.0)
+            return x1, best, best_norm
+
+        x1, best, best_norm = jax.lax.fori_loop(
+            0, steps, body, (x_start, best, best_norm), unroll=unroll
+        )
+        logits = logits_fn(x1.reshape(shape))
+        _, best, best_norm = record(x1, logits, best, best_norm, True)
+    return best, best_norm
+
+
+def _finish(x, best, best_norm, eps):
+    """The best point where its norm is <= eps, else the clean x; shape and dtype of x."""
+    ok = best_norm <= eps
+    flat = x.reshape(x.shape[0], -1)
+    return jnp.where(ok[:, None], best, flat).reshape(x.shape).astype(x.dtype)
+
+
+def _check_fab_args(x, y, *, eps, norm, steps, restarts, alpha_max, eta, beta, unroll):
+    _check_budget(eps, steps=steps, norm=norm)
+    check_positive_int("restarts", restarts)
+    if not 0.0 <= alpha_max <= 1.0:
+        raise ValueError(f"alpha_max must be in [0, 1], got {alpha_max}")
+    if not eta > 0.0:
+        raise ValueError(f"eta must be positive, got {eta}")
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    check_unroll(unroll)
+    check_labels(x, y)
+
+
+def fab(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 100,
+    restarts: int = 1,
+    targets: jax.Array | None = None,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    unroll: int | bool = 1,
+) -> jax.Array:
+    """FAB (Croce & Hein, ICML 2020): the smallest-norm adversarial point it finds, within eps.
+
+    Each step linearizes ``f = z_t - z_y`` at the current point ``x_k`` (targeted), or the
+    ``f = z_c - z_y`` whose linearized boundary is closest over c != y (untargeted), projects
+    ``x_k`` and the original ``x`` onto the hyperplane ``f = 0`` intersected with [0, 1]
+    (:func:`hyperplane_box_projection`, steps ``d_k`` and ``d_orig``), and moves to
+    ``clip((x_k + eta d_k)(1 - a) + (x + eta d_orig) a, 0, 1)`` with
+    ``a = min(||d_k|| / (||d_k|| + ||d_orig||), alpha_max)``. A misclassified point
+    (argmax != y, also when targeted, as in the reference) is recorded when its norm beats the
+    best so far and is pulled back, ``x + beta (x_k - x)``. Restart 0 starts at ``x``; restart
+    r > 0 at a random point on the sphere of radius ``min(best norm, eps) / 2`` (clipped to
+    [0, 1]) with key ``fold_in(key, r)``.
+
+    Passes through ``logits_fn`` (one pass = one call on the whole batch), as measured by
+    :func:`~apart_jax.attacks.counting`:
+
+    * targeted: ``restarts * (steps + 1)`` forward and ``restarts * steps`` backward;
+    * untargeted: ``restarts * (steps + 1)`` forward and ``restarts * steps * (K - 1)``
+      backward (one vector-Jacobian product per other class).
+
+    Each step's single forward pass both gives the gradient and tells whether the point made
+    by the previous step is adversarial; one more forward pass per restart checks the last
+    point. The reference spends a second forward pass per step on that check and takes the
+    gradient after the beta pull-back; here a point found adversarial is pulled back and
+    projected onto the boundary linearized at the point before the pull-back (untargeted:
+    the closest such boundary from the pulled-back point); identical for a model linear in
+    its input. Untargeted FAB takes K - 1 vector-Jacobian products per step where the
+    reference takes the full Jacobian (K).
+
+    Args:
+      logits_fn: inputs (B, ...) in [0, 1] -> logits (B, K).
+      x: clean inputs (B, ...) in [0, 1]; y: integer labels (B,).
+      key: PRNG key, used by the random restarts only.
+      eps: the radius of the reported successes: in (0, 1] for L-inf, positive for L2.
+      norm: "linf" or "l2".
+      steps: iterations per restart (positive int, static).
+      restarts: number of runs (positive int, static); the first starts at ``x``.
+      targets: target classes (B,), int, each != y; ``None`` for untargeted FAB.
+      alpha_max: cap on the weight of the projection from the original point, in [0, 1].
+      eta: extrapolation factor of the projection steps (> 0; 1.05 in the paper).
+      beta: pull-back factor towards ``x`` for adversarial points, in (0, 1].
+      unroll: ``unroll`` argument of the step ``lax.fori_loop`` (bool or positive int).
+
+    Returns:
+      ``x_adv`` of the shape and dtype of ``x``: per example the smallest-norm misclassified
+      point found if its norm is <= eps, else ``x``. Examples misclassified clean return
+      ``x`` (their smallest adversarial norm is 0).
+    """
+    _check_fab_args(
+        x,
+        y,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        restarts=restarts,
+        alpha_max=alpha_max,
+        eta=eta,
+        beta=beta,
+        unroll=unroll,
+    )
+    if targets is not None and jnp.shape(targets) != (x.shape[0],):
+        raise ValueError(f"targets must have shape ({x.shape[0]},), got {jnp.shape(targets)}")
+    best, best_norm = _fab_search(
+        logits_fn,
+        x,
+        y,
+        key,
+        targets,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        restarts=restarts,
+        alpha_max=alpha_max,
+        eta=eta,
+        beta=beta,
+        unroll=unroll,
+    )
+    return _finish(x, best, best_norm, eps)
+
+
+def fab_targeted(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 100,
+    n_target_classes: int = 9,
+    restarts: int = 1,
+    unroll: int | bool = 1,
+) -> jax.Array:
+    """FAB-T, AutoAttack's targeted FAB (Croce & Hein 2020): targeted :func:`fab` per rank.
+
+    For each target rank t = 2 .. n_target_classes + 1 (the class with the t-th largest
+    clean logit, per example) it runs targeted :func:`fab` (alpha_max 0.1, eta 1.05,
+    beta 0.9; restart r of rank t uses key ``fold_in(fold_in(key, t), r)``) and keeps per
+    example the smallest-norm misclassified point over all ranks. The ranks run in a
+    ``lax.fori_loop``, so the program holds one copy of the attack.
+
+    Passes through ``logits_fn``: ``1 + n_target_classes * restarts * (steps + 1)`` forward
+    (one for the clean logits that rank the targets) and
+    ``n_target_classes * restarts * steps`` backward.
+
+    Args:
+      logits_fn: inputs (B, ...) in [0, 1] -> logits (B, K).
+      x: clean inputs (B, ...) in [0, 1]; y: integer labels (B,).
+      key: PRNG key for the random restarts.
+      eps, norm, steps, restarts, unroll: as for :func:`fab`.
+      n_target_classes: number of target ranks, an int in [1, K - 1].
+
+    Returns:
+      ``x_adv`` of the shape and dtype of ``x``: per example the smallest-norm misclassified
+      point over all targets if its norm is <= eps, else ``x``.
+    """
+    _check_fab_args(
+        x,
+        y,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        restarts=restarts,
+        alpha_max=0.1,
+        eta=1.05,
+        beta=0.9,
+        unroll=unroll,
+    )
+    targets_by_rank = ranked_targets(logits_fn(x), n_target_classes)  # (n, B)
+    batch = x.shape[0]
+
+    def run_rank(i, state):
+        best, best_norm = state
+        rank = i + 2
+        targets = targets_by_rank[i]
+        adv, size = _fab_search(
+            logits_fn,
+            x,
+            y,
+            jax.random.fold_in(key, rank),
+            targets,
+            eps=eps,
+            norm=norm,
+            steps=steps,
+            restarts=restarts,
+            alpha_max=0.1,
+            eta=1.05,
+            beta=0.9,
+            unroll=unroll,
+        )
+        better = size < best_norm
+        return jnp.where(better[:, None], adv, best), jnp.where(better, size, best_norm)
+
+    flat = x.reshape(batch, -1)
+    init = (flat, jnp.full((batch,), jnp.inf, flat.dtype))
+    best, best_norm = jax.lax.fori_loop(0, n_target_classes, run_rank, init)
+    return _finish(x, best, best_norm, eps)

@@ -1,0 +1,199 @@
+"""Attack suites: AutoAttack (Croce & Hein 2020) and any custom list, run as a worst case.
+
+Each stage attacks only the points still robust after the previous stages; an example
+counts as robust at the end if it was classified correctly clean and at every attack's
+point. The per-example worst case (the first point that fooled the model, else the clean
+input) is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apart_jax.attacks.apgd import apgd, apgd_targeted
+from apart_jax.attacks.core import cw_linf, fgsm, pgd
+from apart_jax.attacks.counting import PassCount, counting
+from apart_jax.attacks.evaluation import ApplyFn, Attack, attack_in_batches, predict
+from apart_jax.attacks.fab import fab_targeted
+from apart_jax.attacks.square import square
+
+PyTree = Any
+
+#: The standard AutoAttack, for L-inf and L2 alike.
+AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def make_attack(name: str, *, eps: float, norm: str = "linf") -> Attack:
+    """The attack ``name`` with its standard settings, as ``attack(logits_fn, x, y, key)``.
+
+    Names: "fgsm"; "pgd20" (20 steps of eps/4, one random start); "cw" (PGD-20 on the C&W
+    margin, L-inf); "apgd-ce", "apgd-dlr" (100 iterations); "apgd-t" (APGD on the targeted
+    DLR loss, 9 target classes, 100 iterations); "fab-t" (9 target classes, 100
+    iterations); "square" (5,000 queries). These are AutoAttack's standard settings.
+    """
+    pgd_steps = dict(eps=eps, step_size=eps / 4, steps=20)
+    attacks = {
+        "fgsm": lambda: _keyless(functools.partial(fgsm, eps=eps)),
+        "pgd20": lambda: functools.partial(pgd, norm=norm, **pgd_steps),
+        "cw": lambda: functools.partial(cw_linf, **pgd_steps),
+        "apgd-ce": lambda: functools.partial(apgd, eps=eps, norm=norm, loss="ce"),
+        "apgd-dlr": lambda: functools.partial(apgd, eps=eps, norm=norm, loss="dlr"),
+        "apgd-t": lambda: functools.partial(apgd_targeted, eps=eps, norm=norm),
+        "fab-t": lambda: functools.partial(fab_targeted, eps=eps, norm=norm),
+        "square": lambda: functools.partial(square, eps=eps, norm=norm, queries=5000),
+    }
+    if name not in attacks:
+        raise ValueError(f"unknown attack {name!r}; choose from {sorted(attacks)}")
+    if norm != "linf" and name in ("fgsm", "cw"):
+        raise ValueError(f"attack {name!r} is L-inf only, got norm={norm!r}")
+    return attacks[name]()
+
+
+def _keyless(attack):
+    def run(logits_fn, x, y, key):
+        del key
+        return attack(logits_fn, x, y)
+
+    return run
+
+
+def measure_passes(
+    apply_fn: ApplyFn, variables: PyTree, attack: Attack, x: np.ndarray, y: np.ndarray
+) -> PassCount:
+    """Forward and backward passes one call of ``attack`` makes on the batch (x, y), counted."""
+    counts = []
+
+    def run(v, xb, yb):
+        counted_apply, count = counting(lambda z: apply_fn(v, z))
+        counts.append(count)
+        return attack(counted_apply, xb, yb, jax.random.key(0))
+
+    jax.block_until_ready(jax.jit(run)(variables, jnp.asarray(x), jnp.asarray(y)))
+    jax.effects_barrier()
+    return counts[-1]
+
+
+@dataclasses.dataclass
+class Stage:
+    """One attack of a suite: robust accuracy after it, points attacked and fooled, time."""
+
+    attack: str
+    robust_accuracy: float
+    attacked: int
+    fooled: int
+    seconds: float
+
+
+@dataclasses.dataclass
+class SuiteResult:
+    """The outcome of a suite on N points.
+
+    clean_accuracy, robust_accuracy: fractions in [0, 1]; robust (N,) bool: correct clean and
+    at every attack's point; x_adv (N, ...): per example the first point that fooled the
+    model, else the clean input; stages: one :class:`Stage` per attack, in order.
+    """
+
+    clean_accuracy: float
+    robust_accuracy: float
+    robust: np.ndarray
+    x_adv: np.ndarray
+    stages: list[Stage]
+
+
+def run_suite(
+    apply_fn: ApplyFn,
+    variables: PyTree,
+    x: np.ndarray,
+    y: np.ndarray,
+    key: jax.Array,
+    *,
+    attacks: Sequence[str],
+    eps: float,
+    norm: str = "linf",
+    batch_size: int = 500,
+    progress: bool = False,
+) -> SuiteResult:
+    """Runs ``attacks`` (names for :func:`make_attack`) in order, each on the still-robust points.
+
+    Args:
+      apply_fn, variables: the model, ``apply_fn(variables, x) -> logits`` (B, K).
+      x: inputs (N, ...) in [0, 1]; y: labels (N,) int.
+      key: PRNG key; stage s uses ``fold_in(key, s)``.
+      attacks: attack names, for example :data:`AUTOATTACK`.
+      eps, norm: the threat model; batch_size: points per compiled batch.
+      progress: show a progress bar per attack with the number of points still robust.
+    """
+    instances = [(name, make_attack(name, eps=eps, norm=norm)) for name in attacks]
+    x, y = np.asarray(x), np.asarray(y)
+    robust = predict(apply_fn, variables, x, batch_size=batch_size) == y
+    clean_accuracy = float(np.mean(robust))
+    x_adv = x.copy()
+    stages = []
+    for s, (name, attack) in enumerate(instances):
+        start = time.perf_counter()
+        todo = np.flatnonzero(robust)
+        desc = f"{name} ({len(todo)} robust)"
+        found = attack_in_batches(
+            apply_fn,
+            variables,
+            attack,
+            x[todo],
+            y[todo],
+            jax.random.fold_in(key, s),
+            batch_size=batch_size,
+            desc=desc,
+            progress=progress,
+        )
+        fooled = predict(apply_fn, variables, found, batch_size=batch_size) != y[todo]
+        x_adv[todo[fooled]] = found[fooled]
+        robust[todo[fooled]] = False
+        stages.append(
+            Stage(
+                name,
+                float(np.mean(robust)),
+                len(todo),
+                int(fooled.sum()),
+                time.perf_counter() - start,
+            )
+        )
+    return SuiteResult(clean_accuracy, float(np.mean(robust)), robust, x_adv, stages)
+
+
+def autoattack(
+    apply_fn: ApplyFn,
+    variables: PyTree,
+    x: np.ndarray,
+    y: np.ndarray,
+    key: jax.Array,
+    *,
+    eps: float,
+    norm: str = "linf",
+    attacks: Sequence[str] = AUTOATTACK,
+    batch_size: int = 500,
+    progress: bool = False,
+) -> SuiteResult:
+    """AutoAttack: APGD-CE, APGD-T, FAB-T and Square in turn, each on the still-robust points.
+
+    The standard version for L-inf (eps 8/255 on CIFAR-10) and L2 (eps 0.5); ``attacks``
+    replaces the list (any names of :func:`make_attack`). See :func:`run_suite`.
+    """
+    return run_suite(
+        apply_fn,
+        variables,
+        x,
+        y,
+        key,
+        attacks=attacks,
+        eps=eps,
+        norm=norm,
+        batch_size=batch_size,
+        progress=progress,
+    )

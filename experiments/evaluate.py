@@ -1,0 +1,170 @@
+"""Evaluate a training run's checkpoint under attack suites.
+
+    python -m experiments.evaluate --workdir=DIR [--suite=pgd20,cw,autoattack] \
+        [--num_points=0] [--seed=0] [--batch_size=500] [--npz=FILE] [--eps=...] [--norm=linf]
+
+Restores the latest checkpoint of DIR (written by experiments.train), evaluates on its
+dataset's test split (or the x_test, y_test of --npz), BN in inference mode, prints a table
+and writes DIR/eval.json with every number and the protocol. Suite entries: "autoattack"
+(APGD-CE, APGD-T, FAB-T, Square as a worst case) or any single attack of
+apart_jax.attacks.suite.make_attack ("fgsm", "pgd20", "cw", "apgd-ce", "apgd-dlr", "apgd-t",
+"fab-t", "square"), each run on every point.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from apart_jax.attacks.suite import AUTOATTACK, make_attack, measure_passes, run_suite
+from apart_jax.checkpoint import restore_checkpoint
+from apart_jax.config import ConfigError
+from apart_jax.data import DatasetError, load_npz
+from apart_jax.train import setup_run
+from experiments.cli import quiet_logging, run_or_exit
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+flags.DEFINE_list("suite", ["pgd20", "cw", "autoattack"], "Attacks or 'autoattack', in order.")
+flags.DEFINE_integer("num_points", 0, "Test points to evaluate, the first ones (0 = all).")
+flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts.")
+flags.DEFINE_integer("batch_size", 500, "Points per compiled batch.")
+flags.DEFINE_string("npz", "", "Evaluate on x_test, y_test of this npz instead.")
+flags.DEFINE_float("eps", None, "Attack radius (default: the run's eval_eps).")
+flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
+flags.DEFINE_bool("count_passes", True, "Count each attack's forward/backward passes.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def protocol_of(attack) -> dict:
+    """The attack's settings (bound and default keyword values) as JSON-ready numbers."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(attack).parameters.items()
+        if isinstance(p.default, (int, float, str, bool)) and p.default is not None
+    }
+
+
+def load_run(workdir: str):
+    """The run's config, its state restored from the latest checkpoint, and its dataset."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found: --workdir must be a directory written by training")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    run = setup_run(config)
+    try:
+        state = restore_checkpoint(workdir, run.state)
+    except FileNotFoundError as error:
+        raise ConfigError(f"{error}: train with --config.checkpoint=True first") from None
+    return config, run, state
+
+
+def evaluate_workdir() -> dict:
+    config, run, state = load_run(FLAGS.workdir)
+    x, y = run.dataset.x_test, run.dataset.y_test
+    if FLAGS.npz:
+        data = load_npz(FLAGS.npz)
+        x, y = data.x_test, data.y_test
+    if FLAGS.num_points:
+        if FLAGS.num_points > len(y):
+            raise ConfigError(f"num_points={FLAGS.num_points} but only {len(y)} test points")
+        x, y = x[: FLAGS.num_points], y[: FLAGS.num_points]
+    if x.shape[1:] != run.dataset.image_shape:
+        raise DatasetError(
+            f"test images {x.shape[1:]} do not fit the model's {run.dataset.image_shape}"
+        )
+    x = x.astype(np.float32) / 255.0
+    eps = config.eval_eps if FLAGS.eps is None else FLAGS.eps
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    def apply_fn(v, z):
+        return run.model.apply(v, z, train=False)
+
+    report = {
+        "workdir": os.path.abspath(FLAGS.workdir),
+        "checkpoint_step": int(state.step),
+        "method": config.method,
+        "dataset": FLAGS.npz or config.dataset,
+        "num_points": len(y),
+        "seed": FLAGS.seed,
+        "batch_size": FLAGS.batch_size,
+        "eps": eps,
+        "norm": FLAGS.norm,
+        "bn_mode": "inference",
+        "results": {},
+    }
+    key = jax.random.key(FLAGS.seed)
+    for i, entry in enumerate(FLAGS.suite):
+        names = list(AUTOATTACK) if entry == "autoattack" else [entry]
+        attacks = {name: make_attack(name, eps=eps, norm=FLAGS.norm) for name in names}
+        start = time.perf_counter()
+        result = run_suite(
+            apply_fn,
+            variables,
+            x,
+            y,
+            jax.random.fold_in(key, i),
+            attacks=names,
+            eps=eps,
+            norm=FLAGS.norm,
+            batch_size=FLAGS.batch_size,
+            progress=True,
+        )
+        report["clean_accuracy"] = result.clean_accuracy
+        stages = []
+        for stage in result.stages:
+            row = {**stage.__dict__, "protocol": protocol_of(attacks[stage.attack])}
+            if FLAGS.count_passes:
+                count = measure_passes(apply_fn, variables, attacks[stage.attack], x[:2], y[:2])
+                row.update(forward_passes=count.forward, backward_passes=count.backward)
+            stages.append(row)
+        report["results"][entry] = {
+            "robust_accuracy": result.robust_accuracy,
+            "seconds": time.perf_counter() - start,
+            "stages": stages,
+        }
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A table: one row per attack (per stage for suites), robust accuracy, passes, time."""
+    lines = [
+        f"{report['method']} at step {report['checkpoint_step']}, {report['num_points']} points, "
+        f"{report['norm']} eps {report['eps']:.5f} ({report['eps'] * 255:.1f}/255), BN inference",
+        f"clean accuracy {report['clean_accuracy']:.2%}",
+        "",
+        f"{'suite':<12}{'attack':<10}{'robust acc':>11}{'attacked':>10}{'fooled':>8}"
+        f"{'fwd/bwd':>12}{'seconds':>9}",
+    ]
+    for entry, result in report["results"].items():
+        for stage in result["stages"]:
+            passes = f"{stage.get('forward_passes', '-')}/{stage.get('backward_passes', '-')}"
+            lines.append(
+                f"{entry:<12}{stage['attack']:<10}{stage['robust_accuracy']:>11.2%}"
+                f"{stage['attacked']:>10}{stage['fooled']:>8}{passes:>12}{stage['seconds']:>9.1f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_logging()
+    report = run_or_exit(evaluate_workdir)
+    path = os.path.join(FLAGS.workdir, "eval.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(format_report(report))
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,136 @@
+"""Attack suites on a small trained model, and the evaluate command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from apart_jax.attacks.suite import AUTOATTACK, make_attack, measure_passes, run_suite
+from apart_jax.checkpoint import restore_checkpoint
+from apart_jax.train import setup_run, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPS = 24 / 255
+POINTS = 96
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A width-8 small CNN trained with FGSM on the digits for 6 epochs, checkpointed."""
+    workdir = tmp_path_factory.mktemp("fgsm_digits")
+    config = tiny_config(
+        method="fgsm",
+        width=8,
+        epochs=6,
+        batch_size=64,
+        eval_every=6,
+        checkpoint=True,
+        eps=EPS,
+        eval_eps=EPS,
+    )
+    train_and_evaluate(config, str(workdir))
+    run = setup_run(config)
+    state = restore_checkpoint(str(workdir), run.state)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    def apply_fn(v, x):
+        return run.model.apply(v, x, train=False)
+
+    x = run.dataset.x_test[:POINTS].astype(np.float32) / 255
+    return workdir, apply_fn, variables, x, run.dataset.y_test[:POINTS]
+
+
+def robust_under(trained, names):
+    _, apply_fn, variables, x, y = trained
+    return run_suite(
+        apply_fn, variables, x, y, jax.random.key(0), attacks=names, eps=EPS, batch_size=48
+    )
+
+
+def test_stronger_attacks_leave_fewer_robust_points(trained):
+    clean = robust_under(trained, []).robust_accuracy
+    fgsm = robust_under(trained, ["fgsm"]).robust_accuracy
+    pgd = robust_under(trained, ["pgd20"]).robust_accuracy
+    apgd = robust_under(trained, ["apgd-ce"]).robust_accuracy
+    assert clean >= fgsm >= pgd >= apgd
+    assert clean > apgd  # the model is attackable: the ordering is not all ties
+    assert clean > 0.5
+
+
+def test_autoattack_is_the_worst_case_of_its_components(trained):
+    _, apply_fn, variables, x, y = trained
+    result = robust_under(trained, list(AUTOATTACK))
+    assert [s.attack for s in result.stages] == list(AUTOATTACK)
+    accuracies = [s.robust_accuracy for s in result.stages]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert result.robust_accuracy == accuracies[-1]
+    for name in AUTOATTACK:
+        assert result.robust_accuracy <= robust_under(trained, [name]).robust_accuracy
+    # Stage s attacks exactly the points still robust after stage s - 1.
+    attacked = [s.attacked for s in result.stages]
+    remaining = [round(a * POINTS) for a in [result.clean_accuracy, *accuracies[:-1]]]
+    assert attacked == remaining
+    fooled = ~result.robust & (np.argmax(apply_fn(variables, x), -1) == y)
+    predictions = np.asarray(np.argmax(apply_fn(variables, result.x_adv), -1))
+    assert np.all(predictions[fooled] != y[fooled])
+    assert np.max(np.abs(result.x_adv - x)) <= EPS + 1e-5
+
+
+def test_measured_passes_of_standard_attacks(trained):
+    _, apply_fn, variables, x, y = trained
+    expected = {"fgsm": (1, 1), "pgd20": (20, 20), "cw": (20, 20)}
+    for name, (forward, backward) in expected.items():
+        count = measure_passes(apply_fn, variables, make_attack(name, eps=EPS), x[:2], y[:2])
+        assert (count.forward, count.backward) == (forward, backward)
+    square = measure_passes(apply_fn, variables, make_attack("square", eps=EPS), x[:2], y[:2])
+    assert square.backward == 0 and 0 < square.forward <= 5000
+
+
+def test_unknown_attacks_are_named():
+    with pytest.raises(ValueError, match="unknown attack 'deepfool'"):
+        make_attack("deepfool", eps=EPS)
+    with pytest.raises(ValueError, match="L-inf only"):
+        make_attack("cw", eps=0.5, norm="l2")
+
+
+def evaluate(*args):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_evaluate_command_writes_every_number_and_the_protocol(trained):
+    workdir = trained[0]
+    proc = evaluate(
+        f"--workdir={workdir}", "--suite=fgsm,pgd20", "--num_points=40", "--batch_size=16"
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((workdir / "eval.json").read_text())
+    assert report["num_points"] == 40 and report["checkpoint_step"] == 6 * 23
+    assert report["bn_mode"] == "inference" and report["eps"] == pytest.approx(EPS)
+    pgd = report["results"]["pgd20"]["stages"][0]
+    assert pgd["protocol"]["steps"] == 20 and pgd["protocol"]["restarts"] == 1
+    assert pgd["protocol"]["step_size"] == pytest.approx(EPS / 4)
+    assert (pgd["forward_passes"], pgd["backward_passes"]) == (20, 20)
+    assert report["results"]["pgd20"]["robust_accuracy"] <= report["clean_accuracy"]
+    assert "pgd20" in proc.stdout and "written:" in proc.stdout
+
+
+def test_evaluate_command_rejects_a_directory_without_a_run(tmp_path):
+    proc = evaluate(f"--workdir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "config.json" in proc.stderr
