@@ -35,3 +35,18 @@ def tiny_config(**overrides):
     for key, value in overrides.items():
         config[key] = value
     return config
+
+
+LINEAR_FEATURES = 12
+
+
+def linear_problem(seed: int, batch: int = 6, classes: int = 2):
+    """A linear classifier x -> x W with inputs inside [0.25, 0.75] (room for eps <= 0.25).
+
+    Returns (logits_fn, W (12, classes), x (batch, 12), y (batch,)).
+    """
+    k_w, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
+    w = jax.random.normal(k_w, (LINEAR_FEATURES, classes))
+    x = jax.random.uniform(k_x, (batch, LINEAR_FEATURES), minval=0.25, maxval=0.75)
+    y = jax.random.randint(k_y, (batch,), 0, classes)
+    return (lambda x: x @ w), w, x, y

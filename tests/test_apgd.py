@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import LINEAR_FEATURES, linear_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,17 +18,6 @@ from apart_jax.attacks.apgd import apgd, apgd_checkpoints, apgd_targeted
 from apart_jax.attacks.core import pgd
 from apart_jax.attacks.counting import counting
 from apart_jax.attacks.losses import cross_entropy
-
-NUM_FEATURES = 12
-
-
-def linear_problem(seed: int, batch: int = 6, classes: int = 2):
-    """A linear classifier x -> x W with inputs inside [0.25, 0.75] (room for eps <= 0.25)."""
-    k_w, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
-    w = jax.random.normal(k_w, (NUM_FEATURES, classes))
-    x = jax.random.uniform(k_x, (batch, NUM_FEATURES), minval=0.25, maxval=0.75)
-    y = jax.random.randint(k_y, (batch,), 0, classes)
-    return (lambda x: x @ w), w, x, y
 
 
 @functools.partial(jax.jit, static_argnames="options")
@@ -119,7 +109,7 @@ def test_apgd_stays_in_the_ball_and_the_unit_box(seed, norm, loss, eps):
     _, w, _, y = linear_problem(seed, batch=16, classes=5)
     # Inputs at and near the box's faces, where clipping binds.
     x = jax.random.choice(
-        jax.random.key(seed + 1), jnp.array([0.0, 0.01, 0.5, 0.99, 1.0]), (16, NUM_FEATURES)
+        jax.random.key(seed + 1), jnp.array([0.0, 0.01, 0.5, 0.99, 1.0]), (16, LINEAR_FEATURES)
     )
     targets = (y + 1) % 5 if loss == "targeted_dlr" else None
     kwargs = options(eps=eps, norm=norm, loss=loss, steps=3, restarts=2)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import LINEAR_FEATURES, linear_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,17 +22,6 @@ from apart_jax.attacks import (
     pgd,
     targeted_dlr_loss,
 )
-
-NUM_FEATURES = 12
-
-
-def linear_problem(seed: int, batch: int = 6, classes: int = 2):
-    """A linear classifier x -> x W with inputs inside [0.25, 0.75] (room for eps <= 0.25)."""
-    k_w, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
-    w = jax.random.normal(k_w, (NUM_FEATURES, classes))
-    x = jax.random.uniform(k_x, (batch, NUM_FEATURES), minval=0.25, maxval=0.75)
-    y = jax.random.randint(k_y, (batch,), 0, classes)
-    return (lambda x: x @ w), w, x, y
 
 
 def binary_optimum(w, x, y, eps):
@@ -69,7 +59,7 @@ def test_pgd_stays_in_the_ball_and_the_unit_box(seed, eps, step_size, steps, cla
     logits_fn, _, _, y = linear_problem(seed, classes=classes)
     # Inputs at and near the box's faces, where clipping binds.
     x = jax.random.choice(
-        jax.random.key(seed + 1), jnp.array([0.0, 0.01, 0.5, 0.99, 1.0]), (6, NUM_FEATURES)
+        jax.random.key(seed + 1), jnp.array([0.0, 0.01, 0.5, 0.99, 1.0]), (6, LINEAR_FEATURES)
     )
     x_adv = pgd(logits_fn, x, y, jax.random.key(seed), eps=eps, step_size=step_size, steps=steps)
     assert jnp.all(jnp.abs(x_adv - x) <= eps + 1e-6)

@@ -25,17 +25,29 @@ ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 Attack = Callable[..., jax.Array]
 
 
-def _padded_batches(n: int, batch_size: int):
-    """Yields (start, stop) covering range(n) in steps of batch_size."""
-    for start in range(0, n, batch_size):
-        yield start, min(start + batch_size, n)
-
-
 def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
     """Pads the leading axis of ``a`` to ``size`` by repeating its first row."""
     if len(a) == size:
         return a
     return np.concatenate([a, np.repeat(a[:1], size - len(a), axis=0)])
+
+
+def _map_batches(step, arrays, batch_size: int, bar=None) -> np.ndarray:
+    """``step(b, *batch)`` over consecutive batches of ``arrays`` (each (N, ...)), concatenated.
+
+    Every batch has ``min(batch_size, N)`` rows (the last one is padded with copies of its
+    first row, and the padding dropped from the output), so ``step`` compiles once.
+    """
+    n = len(arrays[0])
+    size = min(batch_size, n)
+    parts = []
+    for b, start in enumerate(range(0, n, size)):
+        stop = min(start + size, n)
+        out = step(b, *(_pad_to(a[start:stop], size) for a in arrays))
+        parts.append(np.asarray(out)[: stop - start])
+        if bar is not None:
+            bar.update(stop - start)
+    return np.concatenate(parts)
 
 
 def predict(
@@ -44,13 +56,8 @@ def predict(
     """Predicted classes (N,) int for inputs x (N, ...) in [0, 1], in mini-batches."""
     if len(x) == 0:
         return np.zeros((0,), np.int32)
-    size = min(batch_size, len(x))
-    step = jax.jit(lambda v, xb: jnp.argmax(apply_fn(v, xb), -1))
-    parts = [
-        np.asarray(step(variables, _pad_to(x[a:b], size)))[: b - a]
-        for a, b in _padded_batches(len(x), size)
-    ]
-    return np.concatenate(parts)
+    classify = jax.jit(lambda v, xb: jnp.argmax(apply_fn(v, xb), -1))
+    return _map_batches(lambda b, xb: classify(variables, xb), (x,), batch_size)
 
 
 def attack_in_batches(
@@ -73,21 +80,14 @@ def attack_in_batches(
     """
     if len(x) == 0:
         return x.copy()
-    size = min(batch_size, len(x))
+    run = jax.jit(lambda v, xb, yb, kb: attack(lambda z: apply_fn(v, z), xb, yb, kb))
 
-    def run(v, xb, yb, kb):
-        return attack(lambda z: apply_fn(v, z), xb, yb, kb)
+    def step(b, xb, yb):
+        return run(variables, xb, yb, jax.random.fold_in(key, b))
 
-    step = jax.jit(run)
-    parts = []
     bar = tqdm(total=len(x), desc=desc, unit="pt", disable=not progress, leave=False)
     with bar:
-        for b, (start, stop) in enumerate(_padded_batches(len(x), size)):
-            xb, yb = _pad_to(x[start:stop], size), _pad_to(y[start:stop], size)
-            x_adv = step(variables, xb, yb, jax.random.fold_in(key, b))
-            parts.append(np.asarray(x_adv)[: stop - start])
-            bar.update(stop - start)
-    return np.concatenate(parts)
+        return _map_batches(step, (x, y), batch_size, bar)
 
 
 @dataclasses.dataclass
