@@ -1,4 +1,20 @@
-"""Orbax checkpoints of the training state."""
+"""Orbax checkpoints of a training run: periodic saves, keep-last-K, restore the latest.
+
+A checkpoint ``WORKDIR/checkpoints/STEP`` holds three items:
+
+* ``state``: the whole :class:`apart_jax.state.TrainState` (weights, BN statistics, psi,
+  both optimizer states, Omega, the RNG key and the step counter);
+* ``totals``: the running sums of the current epoch's training loss and accuracy, so a
+  run resumed mid-epoch reports the same epoch means;
+* ``meta``: JSON with the run's config (to refuse resuming a different run) and the
+  training seconds so far.
+
+The data order needs nothing more: epoch ``e``'s permutation is a function of the seed
+and ``e`` (:func:`apart_jax.train.epoch_order`), and the step counter says where in it the
+run stopped. Orbax writes each checkpoint to a temporary directory and renames it when
+complete, so an interrupted save never hides the previous checkpoint. With several
+processes every process calls :meth:`RunCheckpoints.save`; Orbax writes collectively.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +24,84 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+PyTree = Any
+
 
 def checkpoint_dir(workdir: str) -> str:
     """Where a run keeps its checkpoints: ``WORKDIR/checkpoints`` (absolute)."""
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def save_checkpoint(workdir: str, state: Any, step: int, max_to_keep: int = 3) -> str:
-    """Saves ``state`` (a pytree of arrays) as checkpoint ``step`` and waits for the write.
+def abstract_like(tree: PyTree) -> PyTree:
+    """Shape, dtype and sharding of every array of ``tree`` (a restore target)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
-    Returns:
-      The checkpoint's directory.
+
+class RunCheckpoints:
+    """The checkpoints of one run directory; use as a context manager.
+
+    Args:
+      workdir: the run's directory; checkpoints go to ``WORKDIR/checkpoints``.
+      max_to_keep: how many of the newest checkpoints survive (older ones are deleted).
+      async_save: return from :meth:`save` once the arrays are copied to host memory and
+        write in the background (training continues meanwhile).
     """
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    with ocp.CheckpointManager(checkpoint_dir(workdir), options=options) as manager:
-        manager.save(step, args=ocp.args.StandardSave(state))
-        manager.wait_until_finished()
-    return os.path.join(checkpoint_dir(workdir), str(step))
 
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        self.directory = checkpoint_dir(workdir)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-def restore_checkpoint(workdir: str, template: Any, step: int | None = None) -> Any:
-    """Restores checkpoint ``step`` (default: the latest) shaped like ``template``.
+    def __enter__(self) -> RunCheckpoints:
+        return self
 
-    Raises:
-      FileNotFoundError: if ``workdir`` holds no checkpoint.
-    """
-    with ocp.CheckpointManager(checkpoint_dir(workdir)) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def latest_step(self) -> int | None:
+        """The step of the newest complete checkpoint, or None."""
+        return self._manager.latest_step()
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, state: PyTree, totals: PyTree, meta: dict[str, Any]) -> str:
+        """Saves checkpoint ``step`` (in the background when asynchronous); returns its path."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                totals=ocp.args.StandardSave(totals),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+        return self.path(step)
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON ``meta`` item of checkpoint ``step``."""
+        return self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
+
+    def saved_shapes(self, step: int) -> PyTree:
+        """The stored ``state`` item's tree of array metadata (shapes and dtypes)."""
+        return self._manager.item_metadata(step)["state"]
+
+    def restore(self, step: int, **targets: PyTree) -> dict[str, PyTree]:
+        """Restores the named items (``state``, ``totals``) of checkpoint ``step``.
+
+        Each target (a tree of arrays or ``jax.ShapeDtypeStruct``) gives the shapes, dtypes
+        and shardings to restore onto; items not named are not read.
+        """
+        args = {name: ocp.args.StandardRestore(abstract_like(t)) for name, t in targets.items()}
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        return {name: restored[name] for name in targets}
+
+    def wait(self) -> None:
+        """Blocks until every pending save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -7,12 +7,14 @@ change what they need; any key can be overridden on the command line with
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
 from apart_jax.data import DATASETS
-from apart_jax.methods import METHOD_NAMES
-from apart_jax.models import MODELS
+from apart_jax.methods import METHOD_NAMES, OMEGA_DTYPES
+from apart_jax.models import COMPUTE_DTYPES, MODELS
 
 # Steps of the release's 30-epoch CIFAR-10 run (30 x 391): psi's defaults are tuned for it.
 REFERENCE_PSI_STEPS = 11_730
@@ -31,16 +33,18 @@ def default_config() -> ml_collections.ConfigDict:
     # augmentation (None = the dataset's default).
     c.dataset = "digits"
     c.npz_path = ""
+    c.data_dir = ""  # TFDS data directory (local path or gs:// bucket); "" = TFDS's default
     c.train_size = 0
     c.test_size = 0
     c.pad = placeholder(int)
     c.flip = placeholder(bool)
-    c.pad_value = 0.5
+    c.pad_value = placeholder(float)
 
     # Model.
     c.model = "preact_resnet18"
     c.width = 64
     c.shortcut_input = "raw"
+    c.dtype = "float32"  # computation dtype: "float32" or "bfloat16" (params stay float32)
 
     # Method and threat model.
     c.method = "apart"
@@ -64,6 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.alpha_omega_init = 1e-4
     c.layer_alpha_init = 0.0
     c.omega_init_std = 1e-3
+    c.omega_dtype = "float32"  # Omega's storage: "float32" or "bfloat16" (half the memory)
     c.psi_lr_max = 5e-8
     c.psi_weight_decay = 400.0
     c.psi_lr_scale = 1.0
@@ -81,8 +86,50 @@ def default_config() -> ml_collections.ConfigDict:
     c.unroll = placeholder(bool)  # attack loops unrolled; None = backend default
     c.log_every = 50
     c.progress = True
+    c.tensorboard = True  # also write WORKDIR/events.out.tfevents.* (no TensorFlow needed)
+
+    # Checkpoints: WORKDIR/checkpoints/STEP every checkpoint_every steps (0 = at the end of
+    # every epoch) and at the end, the newest checkpoint_keep kept. A rerun with the same
+    # workdir resumes from the newest one.
     c.checkpoint = True
+    c.checkpoint_every = 0
+    c.checkpoint_keep = 3
     return c
+
+
+# Keys that may change between a run and its resumption: they do not change the numbers.
+EXECUTION_KEYS = frozenset(
+    {
+        "npz_path",
+        "data_dir",
+        "unroll",
+        "log_every",
+        "progress",
+        "tensorboard",
+        "checkpoint",
+        "checkpoint_every",
+        "checkpoint_keep",
+        "eval_batch_size",
+    }
+)
+
+
+def config_as_json(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON values (what ``config.json`` and checkpoints hold)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """The keys, other than :data:`EXECUTION_KEYS`, whose values differ from a saved config.
+
+    Returns ``["method: 'fgsm' (saved) != 'apart'", ...]``, empty when the run may resume.
+    """
+    current = config_as_json(config)
+    return [
+        f"{key}: {saved.get(key)!r} (saved) != {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if key not in EXECUTION_KEYS and saved.get(key) != current.get(key)
+    ]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -125,5 +172,23 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _require(
         0 <= c.momentum_min <= c.momentum_max < 1, "momentum_min <= momentum_max must lie in [0, 1)"
     )
+    _require(
+        c.dtype in COMPUTE_DTYPES, f"dtype={c.dtype!r}: choose one of {sorted(COMPUTE_DTYPES)}"
+    )
+    _require(
+        c.omega_dtype in OMEGA_DTYPES,
+        f"omega_dtype={c.omega_dtype!r}: choose one of {sorted(OMEGA_DTYPES)}",
+    )
+    _require(
+        isinstance(c.checkpoint_every, int) and c.checkpoint_every >= 0,
+        f"checkpoint_every={c.checkpoint_every} must be >= 0 (0 = every epoch)",
+    )
+    _require(
+        isinstance(c.checkpoint_keep, int) and c.checkpoint_keep >= 1,
+        f"checkpoint_keep={c.checkpoint_keep} must be a positive int",
+    )
     _require(c.pad is None or c.pad >= 0, f"pad={c.pad} must be >= 0")
-    _require(0.0 <= c.pad_value <= 1.0, f"pad_value={c.pad_value} must be in [0, 1]")
+    _require(
+        c.pad_value is None or 0.0 <= c.pad_value <= 1.0,
+        f"pad_value={c.pad_value} must be in [0, 1]",
+    )

@@ -26,8 +26,10 @@ class TrainState(struct.PyTreeNode):
     psi_opt_state: psi's own (ascent) optimizer state; ``()`` for methods without psi.
     psi_decay_state: the weights' optimizer state for psi when psi also sits in the
       weights' optimizer (the release's quirk); ``()`` otherwise.
-    omega: (N, Hp, Wp, C) float32, one stored perturbation per training example on the
-      padded frame, in [-1, 1] (APART and FGSM+); ``None`` otherwise.
+    omega: (N', Hp, Wp, C), one stored perturbation per training example on the padded
+      frame, in [-1, 1] (APART and FGSM+); ``None`` otherwise. Stored as float32 or
+      bfloat16 (``omega_dtype``); N' >= N pads the rows to a multiple of the device count,
+      over which Omega is split (see :func:`apart_jax.parallel.omega_sharding`).
     """
 
     step: jax.Array

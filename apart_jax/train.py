@@ -13,7 +13,7 @@ the batch gathering and augmentation and jit-compiles it over the device mesh.
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import os
 import time
@@ -29,13 +29,20 @@ from tqdm.auto import tqdm
 
 from apart_jax.attacks import pgd
 from apart_jax.augment import Augmentation, crop_and_flip, draw_augmentation, pad_images
-from apart_jax.checkpoint import save_checkpoint
-from apart_jax.config import REFERENCE_PSI_STEPS, ConfigError, validate_config
+from apart_jax.checkpoint import RunCheckpoints, checkpoint_dir
+from apart_jax.config import (
+    REFERENCE_PSI_STEPS,
+    ConfigError,
+    config_as_json,
+    resume_conflicts,
+    validate_config,
+)
 from apart_jax.data import DATASETS, Dataset, DeviceData, load_dataset, to_device, to_unit_range
-from apart_jax.methods import Method, create_method, init_omega, init_psi
+from apart_jax.logbook import MetricsLog
+from apart_jax.methods import OMEGA_DTYPES, Method, create_method, init_omega, init_psi
 from apart_jax.models import PSI, create_model, init_variables
 from apart_jax.optim import cyclic_sgd
-from apart_jax.parallel import data_mesh, replicated, shard_batch
+from apart_jax.parallel import batch_sharded, data_mesh, padded_rows, replicated, shard_batch
 from apart_jax.state import StepContext, StepInputs, TrainState
 
 PyTree = Any
@@ -102,11 +109,23 @@ class TrainStep(NamedTuple):
     in_epoch: Callable[..., tuple[TrainState, Metrics]]
 
 
+def state_shardings(mesh: Mesh, uses_omega: bool) -> TrainState:
+    """Where a :class:`TrainState` lives: Omega split by rows over the mesh, the rest replicated.
+
+    Returns a prefix tree of shardings (one per field) for ``jit``'s ``out_shardings``.
+    """
+    everywhere = replicated(mesh)
+    fields = {f.name: everywhere for f in dataclasses.fields(TrainState)}
+    return TrainState(**{**fields, "omega": batch_sharded(mesh) if uses_omega else None})
+
+
 def make_train_step(
     method: Method, ctx: StepContext, augment: AugmentSpec, mesh: Mesh
 ) -> TrainStep:
-    """Builds the data-parallel training step of ``method`` over ``mesh``."""
-    state_sharding = replicated(mesh)
+    """Builds the data-parallel training step of ``method`` over ``mesh``.
+
+    The state keeps its shardings (:func:`state_shardings`); the metrics are replicated.
+    """
 
     def on_batch(state: TrainState, data: DeviceData, batch: Batch):
         x, y = shard_batch(gather_batch(data, batch, augment), mesh)
@@ -116,7 +135,10 @@ def make_train_step(
     def in_epoch(state: TrainState, data: DeviceData, order, start, batch_size: int):
         return on_batch(state, data, draw_batch(state, order, start, batch_size, augment))
 
-    jit = dict(donate_argnums=0, out_shardings=(state_sharding, state_sharding))
+    jit = dict(
+        donate_argnums=0,
+        out_shardings=(state_shardings(mesh, method.uses_omega), replicated(mesh)),
+    )
     return TrainStep(
         jax.jit(on_batch, **jit),
         jax.jit(in_epoch, static_argnames="batch_size", **jit),
@@ -166,13 +188,15 @@ def create_train_state(
     image_shape: tuple[int, int, int],
     num_train: int,
     pad: int,
+    omega_rows: int | None = None,
     variables: PyTree | None = None,
 ) -> TrainState:
     """The state before the first step, fully determined by ``config.seed``.
 
-    ``variables`` (``params``, ``batch_stats`` and ``perturb``, for example from
-    :func:`apart_jax.models.load_variables`) replaces the random initialization; psi is then
-    taken as given.
+    ``omega_rows`` >= ``num_train`` pads Omega with unused rows (see
+    :func:`apart_jax.parallel.padded_rows`). ``variables`` (``params``, ``batch_stats`` and
+    ``perturb``, for example from :func:`apart_jax.models.load_variables`) replaces the
+    random initialization; psi is then taken as given.
     """
     seed_key = jax.random.key(config.seed)
     if variables is None:
@@ -191,7 +215,11 @@ def create_train_state(
     if method.uses_omega:
         frame = (num_train, height + 2 * pad, width + 2 * pad, channels)
         omega = init_omega(
-            jax.random.fold_in(seed_key, _OMEGA_STREAM), frame, config.omega_init_std
+            jax.random.fold_in(seed_key, _OMEGA_STREAM),
+            frame,
+            config.omega_init_std,
+            rows=omega_rows,
+            dtype=OMEGA_DTYPES[config.omega_dtype],
         )
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -314,13 +342,15 @@ def setup_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None)
         dataset = load_dataset(
             config.dataset,
             npz_path=config.npz_path,
+            data_dir=config.data_dir or None,
             train_size=config.train_size,
             test_size=config.test_size,
+            progress=config.progress and jax.process_index() == 0,
         )
     info = DATASETS[config.dataset]
     augment = AugmentSpec(
         pad=info.pad if config.pad is None else config.pad,
-        pad_value=config.pad_value,
+        pad_value=info.pad_value if config.pad_value is None else config.pad_value,
         flip=info.flip if config.flip is None else config.flip,
     )
     mesh = data_mesh()
@@ -340,6 +370,7 @@ def setup_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None)
         num_classes=dataset.num_classes,
         width=config.width,
         shortcut_input=config.shortcut_input,
+        dtype=config.dtype,
     )
     method = create_method(
         config.method,
@@ -350,7 +381,8 @@ def setup_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None)
     )
     ctx = build_context(config, model.apply, dataset.image_shape[:2], len(batch_sizes))
     everywhere = replicated(mesh)
-    state = create_train_state(
+    create_state = functools.partial(
+        create_train_state,
         config,
         model,
         method,
@@ -358,7 +390,10 @@ def setup_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None)
         image_shape=dataset.image_shape,
         num_train=num_train,
         pad=augment.pad,
+        omega_rows=padded_rows(num_train, mesh),
     )
+    # Built under jit so that every process of a multi-host run places its shards directly.
+    state = jax.jit(create_state, out_shardings=state_shardings(mesh, method.uses_omega))()
     return Run(
         config=config,
         dataset=dataset,
@@ -368,7 +403,7 @@ def setup_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None)
         method=method,
         ctx=ctx,
         batch_sizes=batch_sizes,
-        state=jax.device_put(state, everywhere),
+        state=state,
         data=to_device(dataset.x_train, dataset.y_train, everywhere),
         train_step=make_train_step(method, ctx, augment, mesh),
     )
@@ -376,7 +411,10 @@ def setup_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None)
 
 @dataclasses.dataclass
 class RunResult:
-    """What a finished run reports: the last evaluation row and where its outputs went."""
+    """What a finished run reports: the last evaluation row and where its outputs went.
+
+    ``resumed_from`` is the checkpoint step the run continued from (None: a fresh start).
+    """
 
     method: str
     label: str
@@ -385,11 +423,104 @@ class RunResult:
     metrics_path: str
     checkpoint_path: str | None
     compile_seconds: float
+    resumed_from: int | None = None
+
+
+class EpochTotals(NamedTuple):
+    """Running sums over the current epoch: training loss and correct predictions (f32 scalars).
+
+    Each step adds its batch mean times its batch size; dividing by the examples seen
+    gives the epoch means logged as ``train_loss`` and ``train_acc``.
+    """
+
+    loss_sum: jax.Array
+    correct_sum: jax.Array
+
+
+def zero_totals(mesh: Mesh) -> EpochTotals:
+    zero = jax.device_put(np.zeros((), np.float32), replicated(mesh))
+    return EpochTotals(zero, zero)
 
 
 def _host_psi(method: Method, psi: PyTree) -> dict[str, Any]:
     summary = jax.device_get(method.psi_summary(psi))
     return {k: np.asarray(v).tolist() for k, v in summary.items()}
+
+
+def checkpoint_meta(config: ml_collections.ConfigDict, run: Run, train_seconds: float) -> dict:
+    """The JSON stored with every checkpoint: the config and what restoring needs to know."""
+    return {
+        "config": config_as_json(config),
+        "num_train": len(run.dataset.y_train),
+        "omega_rows": None if run.state.omega is None else int(run.state.omega.shape[0]),
+        "train_seconds": train_seconds,
+    }
+
+
+def restore_run_state(
+    checkpoints: RunCheckpoints, step: int, run: Run, meta: dict[str, Any]
+) -> tuple[TrainState, EpochTotals]:
+    """Restores checkpoint ``step`` onto ``run``'s state shardings.
+
+    Omega's rows are padded to a multiple of the device count; a checkpoint written on a
+    different number of devices is restored with its own padding and re-padded here.
+    """
+    template, totals = run.state, zero_totals(run.mesh)
+    saved_rows = meta["omega_rows"]
+    if template.omega is None or saved_rows == template.omega.shape[0]:
+        restored = checkpoints.restore(step, state=template, totals=totals)
+        return restored["state"], restored["totals"]
+    mesh, num_train = run.mesh, meta["num_train"]
+    sharding = batch_sharded(mesh) if saved_rows % mesh.size == 0 else replicated(mesh)
+    omega = jax.ShapeDtypeStruct(
+        (saved_rows, *template.omega.shape[1:]), template.omega.dtype, sharding=sharding
+    )
+    restored = checkpoints.restore(step, state=template.replace(omega=omega), totals=totals)
+    state = restored["state"]
+
+    def repad(omega: jax.Array) -> jax.Array:
+        rows = template.omega.shape[0] - num_train
+        return jnp.pad(omega[:num_train], [(0, rows)] + [(0, 0)] * (omega.ndim - 1))
+
+    omega = jax.jit(repad, out_shardings=batch_sharded(mesh))(state.omega)
+    return state.replace(omega=omega), restored["totals"]
+
+
+def restore_latest(workdir: str, run: Run) -> TrainState:
+    """The training state of ``workdir``'s newest checkpoint, placed on ``run``'s devices.
+
+    Raises:
+      FileNotFoundError: if ``workdir`` holds no checkpoint.
+    """
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
+    with RunCheckpoints(workdir) as checkpoints:
+        step = checkpoints.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
+        state, _ = restore_run_state(checkpoints, step, run, checkpoints.read_meta(step))
+    return state
+
+
+def find_resume_point(
+    checkpoints: RunCheckpoints | None, config: ml_collections.ConfigDict
+) -> tuple[int | None, dict[str, Any]]:
+    """The newest checkpoint step of the workdir and its meta, or (None, {}).
+
+    Raises:
+      ConfigError: if the checkpoint belongs to a run with a different configuration.
+    """
+    step = None if checkpoints is None else checkpoints.latest_step()
+    if step is None:
+        return None, {}
+    meta = checkpoints.read_meta(step)
+    conflicts = resume_conflicts(meta["config"], config)
+    if conflicts:
+        raise ConfigError(
+            f"{checkpoints.path(step)} was written by a different run ({'; '.join(conflicts)}): "
+            "use another --workdir, or delete its checkpoints to start over"
+        )
+    return step, meta
 
 
 def train_and_evaluate(
@@ -398,7 +529,10 @@ def train_and_evaluate(
     """Trains one method as configured, evaluating every ``eval_every`` epochs.
 
     Writes ``WORKDIR/config.json``, ``WORKDIR/metrics.jsonl`` (one JSON object per
-    evaluation) and, if ``config.checkpoint``, an Orbax checkpoint of the final state.
+    evaluation), TensorBoard events and, if ``config.checkpoint``, Orbax checkpoints every
+    ``checkpoint_every`` steps (0: every epoch) and at the end. If ``WORKDIR`` already
+    holds a checkpoint of the same configuration, the run resumes from the newest one and
+    ends with the same weights and metrics as an uninterrupted run (timings aside).
 
     Args:
       config: see :func:`apart_jax.config.default_config`.
@@ -406,12 +540,28 @@ def train_and_evaluate(
       dataset: use this dataset instead of loading ``config.dataset``.
 
     Raises:
-      ConfigError, DatasetError: invalid configuration or data, before anything is written.
+      ConfigError, DatasetError: invalid configuration or data, or a workdir holding a
+        different run, before anything is written.
     """
     run = setup_run(config, dataset)
     method, mesh, dataset, batch_sizes = run.method, run.mesh, run.dataset, run.batch_sizes
-    state, data, num_train = run.state, run.data, len(run.dataset.y_train)
+    data, num_train = run.data, len(run.dataset.y_train)
+    lead = jax.process_index() == 0
     everywhere = replicated(mesh)
+    checkpoints = (
+        RunCheckpoints(workdir, max_to_keep=config.checkpoint_keep)
+        if config.checkpoint and os.path.isdir(checkpoint_dir(workdir))
+        else None
+    )
+    resume_step, meta = find_resume_point(checkpoints, config)
+    state, totals = run.state, zero_totals(mesh)
+    if resume_step is not None:
+        state, totals = restore_run_state(checkpoints, resume_step, run, meta)
+    elif checkpoints is not None:
+        checkpoints.close()
+        checkpoints = None
+    train_seconds = meta.get("train_seconds", 0.0)
+
     eval_batch_size = math.ceil(min(config.eval_batch_size, len(dataset.y_test)) / mesh.size)
     eval_batch_size *= mesh.size
     test = make_eval_data(dataset.x_test, dataset.y_test, eval_batch_size, everywhere)
@@ -425,13 +575,15 @@ def train_and_evaluate(
     )
     eval_key = jax.random.fold_in(jax.random.key(config.seed), _EVAL_STREAM)
 
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if lead:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    if config.checkpoint and checkpoints is None:
+        checkpoints = RunCheckpoints(workdir, max_to_keep=config.checkpoint_keep)
 
     compile_start = time.perf_counter()
-    order = jax.device_put(epoch_order(config.seed, 1, num_train), everywhere)
+    order = jax.device_put(np.asarray(epoch_order(config.seed, 1, num_train)), everywhere)
     compiled = {
         size: run.train_step.in_epoch.lower(
             state, data, order, np.int32(0), batch_size=size
@@ -442,64 +594,89 @@ def train_and_evaluate(
 
     steps_per_epoch = run.steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
-    train_seconds = 0.0
-    last: dict[str, Any] = {}
-    bar = tqdm(total=total_steps, desc=method.label, unit="step", disable=not config.progress)
-    with open(metrics_path, "w") as metrics_file, bar:
-        for epoch in range(1, config.epochs + 1):
-            epoch_start = time.perf_counter()
-            order = jax.device_put(epoch_order(config.seed, epoch, num_train), everywhere)
-            loss_sum = correct_sum = jnp.zeros((), jnp.float32)
-            seen = 0
-            start = 0
-            for i, size in enumerate(batch_sizes):
-                state, metrics = compiled[size](state, data, order, np.int32(start))
-                start += size
-                seen += size
-                loss_sum += metrics["loss"] * size
-                correct_sum += metrics["accuracy"] * size
-                bar.update(1)
-                if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
-                    bar.set_postfix(
-                        epoch=epoch,
-                        loss=f"{float(loss_sum) / seen:.3f}",
-                        acc=f"{float(correct_sum) / seen:.3f}",
-                        **({"pgd20": f"{last['pgd20_acc']:.3f}"} if last else {}),
-                    )
-            jax.block_until_ready(state)
-            train_seconds += time.perf_counter() - epoch_start
-            if epoch % config.eval_every and epoch != config.epochs:
-                continue
-            eval_start = time.perf_counter()
-            accuracies = evaluate(eval_step, state, test, eval_batch_size, eval_key)
-            last = {
-                "epoch": epoch,
-                "step": int(state.step),
-                "method": method.name,
-                "train_loss": float(loss_sum) / seen,
-                "train_acc": float(correct_sum) / seen,
-                **accuracies,
-                "train_seconds": train_seconds,
-                "eval_seconds": time.perf_counter() - eval_start,
-                "eval_examples": len(dataset.y_test),
-            }
-            if method.learns_psi:
-                last["psi"] = _host_psi(method, state.psi)
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(
-                epoch=epoch, clean=f"{last['clean_acc']:.3f}", pgd20=f"{last['pgd20_acc']:.3f}"
-            )
+    starts = np.cumsum([0, *batch_sizes])
+    step = resume_step or 0
+    checkpoint_path = None if resume_step is None else checkpoints.path(resume_step)
 
-    checkpoint_path = None
-    if config.checkpoint:
-        checkpoint_path = save_checkpoint(workdir, state, int(state.step))
+    def save(step: int, seconds: float) -> None:
+        nonlocal checkpoint_path
+        if checkpoints is not None and step != resume_step:
+            meta = checkpoint_meta(config, run, seconds)
+            checkpoint_path = checkpoints.save(step, state, totals, meta)
+
+    def due(step: int) -> bool:
+        every = config.checkpoint_every
+        return step == total_steps or (every > 0 and step % every == 0)
+
+    log = MetricsLog(workdir, resume_step=resume_step, tensorboard=config.tensorboard, enabled=lead)
+    with log:
+        for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
+            first = step - (epoch - 1) * steps_per_epoch
+            if first == 0:
+                totals = zero_totals(mesh)
+            epoch_start = time.perf_counter()
+            order = jax.device_put(
+                np.asarray(epoch_order(config.seed, epoch, num_train)), everywhere
+            )
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=first,
+                desc=f"{method.label} {epoch}/{config.epochs}",
+                unit="step",
+                disable=not (config.progress and lead),
+            )
+            with bar:
+                for i in range(first, steps_per_epoch):
+                    size = batch_sizes[i]
+                    state, metrics = compiled[size](state, data, order, np.int32(starts[i]))
+                    totals = EpochTotals(
+                        totals.loss_sum + metrics["loss"] * size,
+                        totals.correct_sum + metrics["accuracy"] * size,
+                    )
+                    step += 1
+                    bar.update(1)
+                    if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
+                        seen = starts[i + 1]
+                        bar.set_postfix(
+                            loss=f"{float(totals.loss_sum) / seen:.3f}",
+                            acc=f"{float(totals.correct_sum) / seen:.3f}",
+                        )
+                    if due(step) and i + 1 < steps_per_epoch:
+                        save(step, train_seconds + time.perf_counter() - epoch_start)
+                jax.block_until_ready(state)
+                train_seconds += time.perf_counter() - epoch_start
+                if epoch % config.eval_every == 0 or epoch == config.epochs:
+                    eval_start = time.perf_counter()
+                    accuracies = evaluate(eval_step, state, test, eval_batch_size, eval_key)
+                    row = {
+                        "epoch": epoch,
+                        "step": step,
+                        "method": method.name,
+                        "train_loss": float(totals.loss_sum) / int(starts[-1]),
+                        "train_acc": float(totals.correct_sum) / int(starts[-1]),
+                        **accuracies,
+                        "train_seconds": train_seconds,
+                        "eval_seconds": time.perf_counter() - eval_start,
+                        "eval_examples": len(dataset.y_test),
+                    }
+                    if method.learns_psi:
+                        row["psi"] = _host_psi(method, state.psi)
+                    log.write(row)
+                    bar.set_postfix(
+                        clean=f"{row['clean_acc']:.3f}", pgd20=f"{row['pgd20_acc']:.3f}"
+                    )
+                if config.checkpoint_every == 0 or due(step):
+                    save(step, train_seconds)
+    if checkpoints is not None:
+        checkpoints.wait()
+        checkpoints.close()
     return RunResult(
         method=method.name,
         label=method.label,
         passes_per_step=method.passes_per_step,
-        last=last,
-        metrics_path=metrics_path,
+        last=log.rows[-1] if log.rows else {},
+        metrics_path=log.path,
         checkpoint_path=checkpoint_path,
         compile_seconds=compile_seconds,
+        resumed_from=resume_step,
     )

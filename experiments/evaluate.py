@@ -24,10 +24,9 @@ import numpy as np
 from absl import app, flags
 
 from apart_jax.attacks.suite import AUTOATTACK, make_attack, measure_passes, run_suite
-from apart_jax.checkpoint import restore_checkpoint
 from apart_jax.config import ConfigError
 from apart_jax.data import DatasetError, load_npz
-from apart_jax.train import setup_run
+from apart_jax.train import restore_latest, setup_run
 from experiments.cli import quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
@@ -61,7 +60,7 @@ def load_run(workdir: str):
         config = ml_collections.ConfigDict(json.load(f))
     run = setup_run(config)
     try:
-        state = restore_checkpoint(workdir, run.state)
+        state = restore_latest(workdir, run)
     except FileNotFoundError as error:
         raise ConfigError(f"{error}: train with --config.checkpoint=True first") from None
     return config, run, state

@@ -1,10 +1,14 @@
-"""Train one method and evaluate it.
+"""Train one method and evaluate it; rerunning the same command resumes from its checkpoint.
 
     python -m experiments.train --config=experiments/configs/digits.py --workdir=runs/digits_apart \
         [--config.method=pgd --config.epochs=10 ...]
 
-Writes WORKDIR/config.json, WORKDIR/metrics.jsonl and a checkpoint under WORKDIR/checkpoints.
-Invalid settings or data exit with one line on stderr and status 2.
+Writes WORKDIR/config.json, WORKDIR/metrics.jsonl, TensorBoard events and checkpoints under
+WORKDIR/checkpoints. Invalid settings or data exit with one line on stderr and status 2.
+
+Several processes (hosts, or processes on one machine) form one run when each is started
+with the same --coordinator_address and --num_processes and its own --process_id; on a
+Cloud TPU VM pod slice pass --distributed alone and JAX finds the rest.
 """
 
 from __future__ import annotations
@@ -12,12 +16,16 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from apart_jax.train import train_and_evaluate
+from apart_jax.parallel import initialize_distributed
 from experiments.cli import quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
+flags.DEFINE_bool("distributed", False, "Join JAX's multi-process runtime before training.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,11 +33,21 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_logging()
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    # Imported after joining the runtime: nothing may touch a JAX backend before that.
+    import jax
+
+    from apart_jax.train import train_and_evaluate
+
     result = run_or_exit(lambda: train_and_evaluate(FLAGS.config, FLAGS.workdir))
+    if jax.process_index() != 0:
+        return
     last = result.last
+    resumed = "" if result.resumed_from is None else f", resumed from step {result.resumed_from}"
     print(
         f"{result.label}: clean {last['clean_acc']:.2%}, PGD-20 {last['pgd20_acc']:.2%} "
-        f"after {last['epoch']} epochs ({last['train_seconds']:.1f} s training)\n"
+        f"after {last['epoch']} epochs ({last['train_seconds']:.1f} s training{resumed})\n"
         f"metrics: {result.metrics_path}\ncheckpoint: {result.checkpoint_path}"
     )
 

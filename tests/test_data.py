@@ -1,11 +1,11 @@
-"""Dataset sources: the embedded digits, npz files, and their one-line errors."""
+"""Dataset sources: the embedded digits, npz files, and their one-line errors (TFDS: test_tfds)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from apart_jax.data import DatasetError, load_dataset, load_npz
+from apart_jax.data import DATASETS, DatasetError, load_dataset, load_npz
 
 
 def test_digits_are_real_uint8_images_split_per_class(digits):
@@ -67,9 +67,11 @@ def test_malformed_npz_gives_one_line_errors(tmp_path, overrides, message):
 
 
 def test_unavailable_datasets_say_what_to_do(tmp_path):
-    with pytest.raises(DatasetError, match="npz_path") as info:
-        load_dataset("cifar10")
+    with pytest.raises(DatasetError, match="unknown dataset 'imagenet'") as info:
+        load_dataset("imagenet")
     assert "\n" not in str(info.value)
+    for name in DATASETS:  # every name, TFDS ones included
+        assert repr(name) in str(info.value)
     with pytest.raises(DatasetError, match="not found"):
         load_dataset("npz", npz_path=str(tmp_path / "missing.npz"))
     with pytest.raises(DatasetError, match="npz_path"):

@@ -151,3 +151,17 @@ def test_load_variables_names_what_does_not_match(resnet):
 def test_unknown_model_is_rejected():
     with pytest.raises(ValueError, match="unknown model"):
         create_model("vgg", num_classes=10, width=4)
+
+
+def test_bfloat16_computes_in_bfloat16_and_stays_close_to_float32(resnet):
+    model, variables = resnet
+    mixed = create_model("preact_resnet18", num_classes=10, width=4, dtype="bfloat16")
+    x = jax.random.uniform(jax.random.key(1), (8, 32, 32, 3))
+    exact = model.apply(variables, x, train=False)
+    low = mixed.apply(variables, x, train=False)  # same float32 parameters
+    assert low.dtype == jnp.float32
+    assert "bf16[8,32,32,4]" in str(jax.make_jaxpr(lambda x: mixed.apply(variables, x))(x))
+    assert not np.array_equal(low, exact)
+    np.testing.assert_allclose(low, exact, rtol=0.05, atol=0.02 * float(jnp.abs(exact).max()))
+    _, stats = mixed.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert {a.dtype for a in jax.tree.leaves(stats)} == {jnp.dtype(jnp.float32)}

@@ -13,8 +13,7 @@ import pytest
 from conftest import tiny_config
 
 from apart_jax.attacks.suite import AUTOATTACK, make_attack, measure_passes, run_suite
-from apart_jax.checkpoint import restore_checkpoint
-from apart_jax.train import setup_run, train_and_evaluate
+from apart_jax.train import restore_latest, setup_run, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 24 / 255
@@ -37,7 +36,7 @@ def trained(tmp_path_factory):
     )
     train_and_evaluate(config, str(workdir))
     run = setup_run(config)
-    state = restore_checkpoint(str(workdir), run.state)
+    state = restore_latest(str(workdir), run)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
 
     def apply_fn(v, x):

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from apart_jax.methods.apart import Apart, apart, fgsm_plus, init_omega, init_psi
+from apart_jax.methods.apart import OMEGA_DTYPES, Apart, apart, fgsm_plus, init_omega, init_psi
 from apart_jax.methods.base import AttackThenDescend, Method
 from apart_jax.methods.fgsm import fgsm, fgsm_rs
 from apart_jax.methods.pgd import pgd
@@ -20,6 +20,7 @@ METHOD_NAMES = ("fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd")
 
 __all__ = [
     "METHOD_NAMES",
+    "OMEGA_DTYPES",
     "Apart",
     "AttackThenDescend",
     "Method",

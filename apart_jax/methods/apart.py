@@ -45,6 +45,9 @@ PyTree = Any
 
 OMEGA_RATIO_EPS = 1e-7
 
+# Omega's storage dtypes by config name; steps compute in float32 either way.
+OMEGA_DTYPES: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 def init_psi(template: PyTree, *, alpha: float, alpha_omega: float, layer_alpha: float) -> PyTree:
     """psi values for a model's ``perturb`` collection (shapes from ``template``).
@@ -62,9 +65,25 @@ def init_psi(template: PyTree, *, alpha: float, alpha_omega: float, layer_alpha:
     }
 
 
-def init_omega(key: jax.Array, frame_shape: tuple[int, ...], std: float = 1e-3) -> jax.Array:
-    """Omega's initial value: ``std * N(0, 1)`` of shape (N, Hp, Wp, C), float32."""
-    return std * jax.random.normal(key, frame_shape, jnp.float32)
+def init_omega(
+    key: jax.Array,
+    frame_shape: tuple[int, ...],
+    std: float = 1e-3,
+    *,
+    rows: int | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:
+    """Omega's initial value: ``std * N(0, 1)`` of shape (N, Hp, Wp, C), stored as ``dtype``.
+
+    ``rows`` >= N pads the first axis with zero rows that no example indexes (so that the
+    rows split evenly over devices); the N real rows do not depend on the padding.
+    """
+    omega = std * jax.random.normal(key, frame_shape, jnp.float32)
+    padding = (rows or frame_shape[0]) - frame_shape[0]
+    if padding < 0:
+        raise ValueError(f"rows={rows} is smaller than the {frame_shape[0]} examples")
+    omega = jnp.pad(omega, [(0, padding)] + [(0, 0)] * (len(frame_shape) - 1))
+    return omega.astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +112,7 @@ class Apart:
     ) -> tuple[TrainState, Metrics]:
         x, y, eps = inputs.x, inputs.y, ctx.eps
         psi = state.psi
-        frames = state.omega[inputs.indices]
+        frames = state.omega[inputs.indices].astype(jnp.float32)
         omega = crop_and_flip(frames, inputs.aug, ctx.image_size)
 
         def initial_delta(psi):
@@ -130,7 +149,7 @@ class Apart:
         ratio = psi["alpha"] / (psi["alpha_omega"] + OMEGA_RATIO_EPS)
         omega = jnp.clip(omega + ratio * jnp.sign(g_input), -1.0, 1.0)
         frames = uncrop_and_unflip(frames, omega, inputs.aug)
-        new_omega = state.omega.at[inputs.indices].set(frames)
+        new_omega = state.omega.at[inputs.indices].set(frames.astype(state.omega.dtype))
 
         state = apply_weight_gradients(ctx, state.replace(batch_stats=batch_stats), g_params)
 

@@ -25,6 +25,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "MODELS",
     "PSI",
     "SITES",
@@ -39,15 +40,30 @@ __all__ = [
 ]
 
 
+# Computation dtypes by config name; float32 leaves it to the inputs (float64 under x64).
+COMPUTE_DTYPES: dict[str, jnp.dtype | None] = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
 def create_model(
-    name: str, *, num_classes: int, width: int, shortcut_input: str = "raw"
+    name: str, *, num_classes: int, width: int, shortcut_input: str = "raw", dtype: str = "float32"
 ) -> nn.Module:
-    """Builds a model by registry name (see :data:`MODELS`)."""
+    """Builds a model by registry name (see :data:`MODELS`).
+
+    ``dtype`` names the computation dtype (see :data:`COMPUTE_DTYPES`): "bfloat16" runs
+    convolutions and activations in bfloat16 with float32 parameters, BN statistics and logits.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     if width < 1:
         raise ValueError(f"model width must be positive, got {width}")
-    return MODELS[name](num_classes=num_classes, width=width, shortcut_input=shortcut_input)
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(COMPUTE_DTYPES)}")
+    return MODELS[name](
+        num_classes=num_classes,
+        width=width,
+        shortcut_input=shortcut_input,
+        dtype=COMPUTE_DTYPES[dtype],
+    )
 
 
 def init_variables(

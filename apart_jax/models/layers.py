@@ -29,8 +29,12 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
-def conv3x3(features: int, strides: int = 1, name: str | None = None) -> nn.Conv:
+def conv3x3(
+    features: int, strides: int = 1, name: str | None = None, dtype: jnp.dtype | None = None
+) -> nn.Conv:
     """A 3x3 convolution without bias, padded by one pixel on each side like PyTorch's.
+
+    ``dtype`` is the computation dtype (None: the input's); the kernel is stored in float32.
 
     Explicit padding matters: Flax's "SAME" pads (0, 1) for stride 2 on even sizes,
     PyTorch's ``padding=1`` pads (1, 1).
@@ -42,11 +46,14 @@ def conv3x3(features: int, strides: int = 1, name: str | None = None) -> nn.Conv
         padding=((1, 1), (1, 1)),
         use_bias=False,
         kernel_init=torch_kernel_init,
+        dtype=dtype,
         name=name,
     )
 
 
-def conv1x1(features: int, strides: int = 1, name: str | None = None) -> nn.Conv:
+def conv1x1(
+    features: int, strides: int = 1, name: str | None = None, dtype: jnp.dtype | None = None
+) -> nn.Conv:
     """A 1x1 projection convolution without bias (the shortcut of a down-sampling block)."""
     return nn.Conv(
         features,
@@ -55,6 +62,7 @@ def conv1x1(features: int, strides: int = 1, name: str | None = None) -> nn.Conv
         padding="VALID",
         use_bias=False,
         kernel_init=torch_kernel_init,
+        dtype=dtype,
         name=name,
     )
 
@@ -69,10 +77,14 @@ class BatchNorm(nn.Module):
     unless the module is initializing, the running statistics are updated (the caller must
     make ``batch_stats`` mutable). Under ``jit`` with a batch sharded over devices the
     means are global, so statistics do not depend on the number of devices.
+
+    Statistics are computed in at least float32 (bfloat16 inputs are upcast) and stored in
+    float32; the output has ``dtype`` (None: the precision the statistics were computed in).
     """
 
     momentum: float = 0.1
     epsilon: float = 1e-5
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -81,6 +93,7 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,))
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if train:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axis=axes)
@@ -93,4 +106,5 @@ class BatchNorm(nn.Module):
                 running_var.value = (1.0 - m) * running_var.value + m * unbiased
         else:
             mean, var = running_mean.value, running_var.value
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y if self.dtype is None else y.astype(self.dtype)

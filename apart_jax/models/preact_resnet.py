@@ -36,17 +36,19 @@ class PreActBlock(nn.Module):
     features: int
     strides: int = 1
     shortcut_input: ShortcutInput = "raw"
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool) -> jax.Array:
         declare_psi(self, "alpha")
-        h = site(self, nn.relu(BatchNorm(name="bn1")(z, train)))
-        out = conv3x3(self.features, self.strides, name="conv1")(h)
-        out = nn.relu(BatchNorm(name="bn2")(out, train))
-        out = conv3x3(self.features, 1, name="conv2")(out)
+        dtype = self.dtype
+        h = site(self, nn.relu(BatchNorm(name="bn1", dtype=dtype)(z, train)))
+        out = conv3x3(self.features, self.strides, name="conv1", dtype=dtype)(h)
+        out = nn.relu(BatchNorm(name="bn2", dtype=dtype)(out, train))
+        out = conv3x3(self.features, 1, name="conv2", dtype=dtype)(out)
         if self.strides != 1 or z.shape[-1] != self.features:
             source = z if self.shortcut_input == "raw" else h
-            shortcut = conv1x1(self.features, self.strides, name="shortcut")(source)
+            shortcut = conv1x1(self.features, self.strides, name="shortcut", dtype=dtype)(source)
         else:
             shortcut = z
         return out + shortcut
@@ -65,6 +67,8 @@ class PreActResNet(nn.Module):
       width: channels of the stem and first stage (64 in the paper).
       num_classes: outputs of the final dense layer.
       shortcut_input: "raw" (release, default) or "preact"; see :class:`PreActBlock`.
+      dtype: computation dtype: None (the input's, float32 normally) or bfloat16 for mixed
+        precision. Parameters, BN statistics and the logits stay at least float32.
     """
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -72,6 +76,7 @@ class PreActResNet(nn.Module):
     width: int = 64
     num_classes: int = 10
     shortcut_input: ShortcutInput = "raw"
+    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -81,37 +86,46 @@ class PreActResNet(nn.Module):
                 f"shortcut_input must be 'raw' or 'preact', got {self.shortcut_input!r}"
             )
         declare_psi(self, "alpha", "alpha_omega")
-        out = conv3x3(self.width, 1, name="stem")(x)
+        out = conv3x3(self.width, 1, name="stem", dtype=self.dtype)(x)
         for s, (size, stride) in enumerate(zip(self.stage_sizes, self.stage_strides, strict=True)):
             for b in range(size):
                 out = PreActBlock(
                     self.width * 2**s,
                     stride if b == 0 else 1,
                     self.shortcut_input,
+                    self.dtype,
                     name=f"stage{s + 1}_block{b + 1}",
                 )(out, train)
-        out = nn.relu(BatchNorm(name="bn_final")(out, train))
+        out = nn.relu(BatchNorm(name="bn_final", dtype=self.dtype)(out, train))
         out = jnp.mean(out, axis=(1, 2))
-        return nn.Dense(
+        logits = nn.Dense(
             self.num_classes,
             kernel_init=torch_kernel_init,
             bias_init=torch_bias_init(out.shape[-1]),
+            dtype=self.dtype,
             name="head",
         )(out)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
 def preact_resnet18(
-    num_classes: int = 10, width: int = 64, shortcut_input: ShortcutInput = "raw"
+    num_classes: int = 10,
+    width: int = 64,
+    shortcut_input: ShortcutInput = "raw",
+    dtype: jnp.dtype | None = None,
 ) -> PreActResNet:
     """PreAct-ResNet-18 as in the APART release (width 64 is the paper's size)."""
-    return PreActResNet((2, 2, 2, 2), (1, 2, 2, 2), width, num_classes, shortcut_input)
+    return PreActResNet((2, 2, 2, 2), (1, 2, 2, 2), width, num_classes, shortcut_input, dtype)
 
 
 def small_cnn(
-    num_classes: int = 10, width: int = 16, shortcut_input: ShortcutInput = "raw"
+    num_classes: int = 10,
+    width: int = 16,
+    shortcut_input: ShortcutInput = "raw",
+    dtype: jnp.dtype | None = None,
 ) -> PreActResNet:
     """A small pre-activation CNN for tiny images (8x8 to 16x16): stem, two blocks (strides 1, 2).
 
     Same block and perturbation sites as PreAct-ResNet-18, so every method runs on it.
     """
-    return PreActResNet((1, 1), (1, 2), width, num_classes, shortcut_input)
+    return PreActResNet((1, 1), (1, 2), width, num_classes, shortcut_input, dtype)

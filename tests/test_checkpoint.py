@@ -1,0 +1,208 @@
+"""Checkpoints and auto-resume: a resumed run ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from apart_jax.checkpoint import RunCheckpoints
+from apart_jax.config import ConfigError
+from apart_jax.logbook import read_rows
+from apart_jax.summary import read_scalars
+from apart_jax.train import restore_latest, setup_run, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# 200 examples in batches of 64: steps of 64, 64, 64 and 8, so 4 steps per epoch.
+RESUMABLE = dict(
+    method="apart",
+    epochs=3,
+    train_size=200,
+    test_size=64,
+    batch_size=64,
+    checkpoint=True,
+    checkpoint_every=3,
+    checkpoint_keep=10,
+)
+
+
+def host_leaves(tree):
+    """The leaves of a state as NumPy arrays (PRNG keys as their raw key data)."""
+
+    def to_numpy(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(x)
+
+    return [to_numpy(x) for x in jax.tree.leaves(tree)]
+
+
+def without_timings(rows):
+    return [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in rows]
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def assert_same_run(a, b, config):
+    """Bit-identical final states and metrics rows (timings aside)."""
+    run = setup_run(config)
+    for x, y in zip(
+        host_leaves(restore_latest(str(a), run)),
+        host_leaves(restore_latest(str(b), run)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(x, y)
+    rows_a, rows_b = read_rows(str(a / "metrics.jsonl")), read_rows(str(b / "metrics.jsonl"))
+    assert without_timings(rows_a) == without_timings(rows_b)
+    return rows_a
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = train_and_evaluate(tiny_config(**RESUMABLE), str(workdir))
+    return workdir, result
+
+
+def test_checkpoints_every_n_steps_and_at_the_end(uninterrupted):
+    workdir, result = uninterrupted
+    assert checkpoint_steps(workdir) == [3, 6, 9, 12]
+    assert result.checkpoint_path == str(workdir / "checkpoints" / "12")
+    assert result.resumed_from is None
+    with RunCheckpoints(str(workdir)) as checkpoints:
+        meta = checkpoints.read_meta(6)
+    assert meta["config"]["method"] == "apart" and meta["omega_rows"] == 200
+    assert meta["train_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    "checkpoint_every, resume_from",
+    [(3, 6), (3, 9), (0, 8)],  # mid-epoch 2, mid-epoch 3, the end of epoch 2
+)
+def test_resuming_equals_an_uninterrupted_run(
+    uninterrupted, tmp_path, checkpoint_every, resume_from
+):
+    workdir, _ = uninterrupted
+    config = tiny_config(**{**RESUMABLE, "checkpoint_every": checkpoint_every})
+    interrupted = tmp_path / "interrupted"
+    if checkpoint_every == 3:
+        shutil.copytree(workdir, interrupted)
+    else:  # saving at other steps must not change the run
+        train_and_evaluate(config, str(interrupted))
+        assert checkpoint_steps(interrupted) == [4, 8, 12]
+    for step in checkpoint_steps(interrupted):  # as if killed right after `resume_from`
+        if step > resume_from:
+            shutil.rmtree(interrupted / "checkpoints" / str(step))
+    # metrics.jsonl still holds rows written after the kept checkpoint: they are redone.
+    assert read_rows(str(interrupted / "metrics.jsonl"))[-1]["epoch"] == 3
+    result = train_and_evaluate(config, str(interrupted))
+    assert result.resumed_from == resume_from
+    rows = assert_same_run(workdir, interrupted, config)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_a_finished_run_is_not_trained_again(uninterrupted, tmp_path):
+    workdir, first = uninterrupted
+    again = tmp_path / "again"
+    shutil.copytree(workdir, again)
+    result = train_and_evaluate(tiny_config(**RESUMABLE), str(again))
+    assert result.resumed_from == 12
+    assert result.last == first.last
+    assert checkpoint_steps(again) == [3, 6, 9, 12]
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    config = tiny_config(**{**RESUMABLE, "epochs": 2, "checkpoint_every": 2, "checkpoint_keep": 2})
+    train_and_evaluate(config, str(tmp_path))
+    assert checkpoint_steps(tmp_path) == [6, 8]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [(dict(method="fgsm_plus"), "method"), (dict(width=8), "width"), (dict(seed=1), "seed")],
+)
+def test_a_checkpoint_of_another_run_is_refused(uninterrupted, tmp_path, change, message):
+    workdir, _ = uninterrupted
+    other = tmp_path / "other"
+    shutil.copytree(workdir, other)
+    before = {p: (other / p).read_bytes() for p in ("config.json", "metrics.jsonl")}
+    with pytest.raises(ConfigError, match=f"different run.*{message}") as info:
+        train_and_evaluate(tiny_config(**{**RESUMABLE, **change}), str(other))
+    assert "\n" not in str(info.value)
+    assert {p: (other / p).read_bytes() for p in before} == before  # nothing overwritten
+    assert checkpoint_steps(other) == [3, 6, 9, 12]
+
+
+def test_metrics_go_to_tensorboard(uninterrupted):
+    workdir, result = uninterrupted
+    scalars = read_scalars(str(workdir))
+    rows = read_rows(result.metrics_path)
+    assert [step for step, _ in scalars["pgd20_acc"]] == [r["step"] for r in rows]
+    np.testing.assert_allclose(
+        [v for _, v in scalars["clean_acc"]], [r["clean_acc"] for r in rows], rtol=1e-6
+    )
+    assert {"train_loss", "psi/alpha", "psi/layer_alphas/1"} <= set(scalars)
+
+
+TRAIN_COMMAND = [
+    "-m",
+    "experiments.train",
+    "--config=experiments/configs/digits.py",
+    "--config.width=4",
+    "--config.epochs=3",
+    "--config.train_size=1000",
+    "--config.test_size=64",
+    "--config.batch_size=32",
+    "--config.checkpoint_every=2",
+    "--config.eval_every=1",
+    "--config.progress=False",
+]
+
+
+def test_a_killed_training_command_resumes_to_the_uninterrupted_result(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+
+    def train(workdir):
+        return subprocess.Popen(
+            [sys.executable, *TRAIN_COMMAND, f"--workdir={workdir}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    reference = train(tmp_path / "reference")
+    killed = train(tmp_path / "killed")
+    deadline = time.monotonic() + 300
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    while time.monotonic() < deadline:
+        if checkpoints.is_dir() and any(d.isdigit() for d in os.listdir(checkpoints)):
+            break
+        assert killed.poll() is None, killed.communicate()[1]
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert reference.wait(timeout=300) == 0, reference.communicate()[1]
+    assert len(read_rows(str(tmp_path / "reference" / "metrics.jsonl"))) == 3
+    killed_at = max(checkpoint_steps(tmp_path / "killed"))
+    assert killed_at < 96  # 32 steps per epoch, 3 epochs: killed before the end
+
+    resumed = train(tmp_path / "killed")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from step" in out
+    reference_rows = read_rows(str(tmp_path / "reference" / "metrics.jsonl"))
+    resumed_rows = read_rows(str(tmp_path / "killed" / "metrics.jsonl"))
+    assert without_timings(resumed_rows) == without_timings(reference_rows)
