@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from absl import app, flags
 
 from apart_jax.config import ConfigError
+from apart_jax.logbook import METRICS_FILE
 from experiments.cli import quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
@@ -26,7 +27,6 @@ flags.DEFINE_string("out", None, "PNG to write (default: accuracy.png in the fir
 flags.DEFINE_string("title", "Clean (dashed) and PGD-20 (solid) test accuracy", "Plot title.")
 flags.mark_flags_as_required(["workdir"])
 
-METRICS_FILE = "metrics.jsonl"
 CURVE_KEYS = ("epoch", "clean_acc", "pgd20_acc", "method")
 FIGURE_INCHES = (8.0, 5.0)
 DPI = 100  # The PNG is 800 x 500 pixels.

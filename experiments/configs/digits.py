@@ -32,6 +32,9 @@ def get_config():
     c.epochs = 30
     c.batch_size = 128
     c.eval_every = 5
+    # An epoch is 12 steps and 0.15 s; a save holds training up for about 0.07 s, so save
+    # every 10 epochs (and at the end) instead of every epoch.
+    c.checkpoint_every = 120
 
     c.eps = 32 / 255
     c.pgd_step_size = c.eps / 4
