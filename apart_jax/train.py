@@ -331,8 +331,12 @@ class Run:
         return len(self.batch_sizes)
 
 
-def setup_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> Run:
+def setup_run(
+    config: ml_collections.ConfigDict, dataset: Dataset | None = None, mesh: Mesh | None = None
+) -> Run:
     """Validates ``config``, loads the data (unless given) and builds model, method and state.
+
+    ``mesh`` defaults to all devices of all processes (:func:`apart_jax.parallel.data_mesh`).
 
     Raises:
       ConfigError, DatasetError: invalid configuration or data, in one line.
@@ -353,7 +357,7 @@ def setup_run(config: ml_collections.ConfigDict, dataset: Dataset | None = None)
         pad_value=info.pad_value if config.pad_value is None else config.pad_value,
         flip=info.flip if config.flip is None else config.flip,
     )
-    mesh = data_mesh()
+    mesh = mesh if mesh is not None else data_mesh()
     num_train, batch_size = len(dataset.y_train), config.batch_size
     if batch_size > num_train:
         raise ConfigError(
@@ -502,6 +506,51 @@ def restore_latest(workdir: str, run: Run) -> TrainState:
     return state
 
 
+def device_order(seed: int, epoch: int, num_train: int, mesh: Mesh) -> jax.Array:
+    """:func:`epoch_order` placed on every device of ``mesh`` (one host round trip per epoch)."""
+    return jax.device_put(np.asarray(epoch_order(seed, epoch, num_train)), replicated(mesh))
+
+
+def compile_epoch_steps(run: Run, state: TrainState) -> dict[int, Callable]:
+    """The run's ``in_epoch`` step compiled ahead of time for each batch size of an epoch."""
+    order = device_order(run.config.seed, 1, len(run.dataset.y_train), run.mesh)
+    return {
+        size: run.train_step.in_epoch.lower(
+            state, run.data, order, np.int32(0), batch_size=size
+        ).compile()
+        for size in sorted(set(run.batch_sizes))
+    }
+
+
+def train_epoch(
+    steps: dict[int, Callable],
+    state: TrainState,
+    totals: EpochTotals,
+    data: DeviceData,
+    order: jax.Array,
+    batch_sizes: list[int],
+    first: int = 0,
+    after_step: Callable[[int, TrainState, EpochTotals], None] | None = None,
+) -> tuple[TrainState, EpochTotals]:
+    """Trains on the epoch's batches ``first``, ``first + 1``, ... in ``order``.
+
+    ``steps`` maps each batch size to its compiled step (:func:`compile_epoch_steps`).
+    Nothing is read back from the devices here: the steps are dispatched asynchronously and
+    ``after_step(i, state, totals)`` (progress, checkpoints) decides what to wait for.
+    """
+    starts = np.cumsum([0, *batch_sizes])
+    for i in range(first, len(batch_sizes)):
+        size = batch_sizes[i]
+        state, metrics = steps[size](state, data, order, np.int32(starts[i]))
+        totals = EpochTotals(
+            totals.loss_sum + metrics["loss"] * size,
+            totals.correct_sum + metrics["accuracy"] * size,
+        )
+        if after_step is not None:
+            after_step(i, state, totals)
+    return state, totals
+
+
 def find_resume_point(
     checkpoints: RunCheckpoints | None, config: ml_collections.ConfigDict
 ) -> tuple[int | None, dict[str, Any]]:
@@ -583,13 +632,7 @@ def train_and_evaluate(
         checkpoints = RunCheckpoints(workdir, max_to_keep=config.checkpoint_keep)
 
     compile_start = time.perf_counter()
-    order = jax.device_put(np.asarray(epoch_order(config.seed, 1, num_train)), everywhere)
-    compiled = {
-        size: run.train_step.in_epoch.lower(
-            state, data, order, np.int32(0), batch_size=size
-        ).compile()
-        for size in sorted(set(batch_sizes))
-    }
+    compiled = compile_epoch_steps(run, state)
     compile_seconds = time.perf_counter() - compile_start
 
     steps_per_epoch = run.steps_per_epoch
@@ -598,7 +641,7 @@ def train_and_evaluate(
     step = resume_step or 0
     checkpoint_path = None if resume_step is None else checkpoints.path(resume_step)
 
-    def save(step: int, seconds: float) -> None:
+    def save(step: int, state: TrainState, totals: EpochTotals, seconds: float) -> None:
         nonlocal checkpoint_path
         if checkpoints is not None and step != resume_step:
             meta = checkpoint_meta(config, run, seconds)
@@ -608,6 +651,21 @@ def train_and_evaluate(
         every = config.checkpoint_every
         return step == total_steps or (every > 0 and step % every == 0)
 
+    def report_step(
+        bar: tqdm, epoch: int, i: int, state: TrainState, totals: EpochTotals, *, clock_origin
+    ) -> None:
+        """After step ``i`` of ``epoch``: the progress bar, and a checkpoint when one is due."""
+        bar.update(1)
+        if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
+            seen = starts[i + 1]
+            bar.set_postfix(
+                loss=f"{float(totals.loss_sum) / seen:.3f}",
+                acc=f"{float(totals.correct_sum) / seen:.3f}",
+            )
+        step = (epoch - 1) * steps_per_epoch + i + 1
+        if due(step) and i + 1 < steps_per_epoch:
+            save(step, state, totals, time.perf_counter() - clock_origin)
+
     log = MetricsLog(workdir, resume_step=resume_step, tensorboard=config.tensorboard, enabled=lead)
     with log:
         for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
@@ -615,9 +673,7 @@ def train_and_evaluate(
             if first == 0:
                 totals = zero_totals(mesh)
             epoch_start = time.perf_counter()
-            order = jax.device_put(
-                np.asarray(epoch_order(config.seed, epoch, num_train)), everywhere
-            )
+            order = device_order(config.seed, epoch, num_train, mesh)
             bar = tqdm(
                 total=steps_per_epoch,
                 initial=first,
@@ -626,23 +682,13 @@ def train_and_evaluate(
                 disable=not (config.progress and lead),
             )
             with bar:
-                for i in range(first, steps_per_epoch):
-                    size = batch_sizes[i]
-                    state, metrics = compiled[size](state, data, order, np.int32(starts[i]))
-                    totals = EpochTotals(
-                        totals.loss_sum + metrics["loss"] * size,
-                        totals.correct_sum + metrics["accuracy"] * size,
-                    )
-                    step += 1
-                    bar.update(1)
-                    if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
-                        seen = starts[i + 1]
-                        bar.set_postfix(
-                            loss=f"{float(totals.loss_sum) / seen:.3f}",
-                            acc=f"{float(totals.correct_sum) / seen:.3f}",
-                        )
-                    if due(step) and i + 1 < steps_per_epoch:
-                        save(step, train_seconds + time.perf_counter() - epoch_start)
+                after_step = functools.partial(
+                    report_step, bar, epoch, clock_origin=epoch_start - train_seconds
+                )
+                state, totals = train_epoch(
+                    compiled, state, totals, data, order, batch_sizes, first, after_step
+                )
+                step = epoch * steps_per_epoch
                 jax.block_until_ready(state)
                 train_seconds += time.perf_counter() - epoch_start
                 if epoch % config.eval_every == 0 or epoch == config.epochs:
@@ -666,7 +712,7 @@ def train_and_evaluate(
                         clean=f"{row['clean_acc']:.3f}", pgd20=f"{row['pgd20_acc']:.3f}"
                     )
                 if config.checkpoint_every == 0 or due(step):
-                    save(step, train_seconds)
+                    save(step, state, totals, train_seconds)
     if checkpoints is not None:
         checkpoints.wait()
         checkpoints.close()

@@ -315,6 +315,6 @@ def test_drawn_step_equals_the_explicit_step_on_the_drawn_batch(digits):
 
 
 def test_passes_per_step(digits):
-    expected = {"fgsm": 2, "fgsm_rs": 2, "fgsm_plus": 2, "apart": 2, "pgd": 11}
+    expected = {"clean": 1, "fgsm": 2, "fgsm_rs": 2, "fgsm_plus": 2, "apart": 2, "pgd": 11}
     for name, passes in expected.items():
         assert build(digits, name).method.passes_per_step == passes

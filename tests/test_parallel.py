@@ -88,6 +88,7 @@ TRAIN = [
     "--config.test_size=100",
     "--config.batch_size=64",
     "--config.eval_every=1",
+    "--config.checkpoint_every=0",  # at the end of every epoch
     "--config.progress=False",
 ]
 

@@ -2,6 +2,7 @@
 
 | name        | generator                                                  | passes/step |
 |-------------|------------------------------------------------------------|-------------|
+| ``clean``   | none: standard training on the clean inputs                | 1           |
 | ``fgsm``    | zero init, one step of eps                                 | 2           |
 | ``fgsm_rs`` | uniform init, one step of 1.25 eps, projected              | 2           |
 | ``fgsm_plus`` | learnable init scale and step (psi), stored init Omega   | 2           |
@@ -13,16 +14,18 @@ from __future__ import annotations
 
 from apart_jax.methods.apart import OMEGA_DTYPES, Apart, apart, fgsm_plus, init_omega, init_psi
 from apart_jax.methods.base import AttackThenDescend, Method
+from apart_jax.methods.clean import Clean
 from apart_jax.methods.fgsm import fgsm, fgsm_rs
 from apart_jax.methods.pgd import pgd
 
-METHOD_NAMES = ("fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd")
+METHOD_NAMES = ("clean", "fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd")
 
 __all__ = [
     "METHOD_NAMES",
     "OMEGA_DTYPES",
     "Apart",
     "AttackThenDescend",
+    "Clean",
     "Method",
     "apart",
     "create_method",
@@ -44,6 +47,8 @@ def create_method(
     pgd_step_size: float = 2.0 / 255.0,
 ) -> Method:
     """Builds a training method by name (one of :data:`METHOD_NAMES`)."""
+    if name == "clean":
+        return Clean()
     if name == "fgsm":
         return fgsm(eps)
     if name == "fgsm_rs":

@@ -1,0 +1,390 @@
+"""Training speed of every method against PGD-10 and plain training, measured side by side.
+
+    python -m experiments.bench_speed [--width=16 --batch_size=128 --dtype=float32 \
+        --steps=20 --json=bench.json]
+
+For each of clean, fgsm, fgsm_rs, fgsm_plus, apart and pgd10 (same model, batch and dtype,
+one process): the compile time, then ``--steps`` training steps after ``--warmup``, each
+timed to completion on the device; median, minimum and maximum step time, images per
+second, forward+backward passes per step, and the ratios to pgd10 and to clean. Also:
+
+* pass costs: ``t_train`` (one plain training step, the clean method's median) and ``t_in``
+  (one input-gradient pass: forward and backward to the input only, BN in training mode),
+  with the floors they imply: apart >= t_in + t_train, pgd10 >= 10 t_in + t_train;
+* one whole training epoch of apart and pgd10 on an in-memory dataset of
+  ``--epoch_examples`` images through the trainer's own epoch loop (batch gathering,
+  augmentation and Omega's gather and scatter included), against the sum of its steps;
+* one PGD-20 evaluation pass over ``--eval_points`` test points;
+* the XLA-counted FLOPs of each step and, where the device's peak is known (or
+  ``--peak_tflops`` is given), the model FLOP utilization.
+
+Images are random uint8 arrays of CIFAR-10's shape: speed does not depend on pixel values.
+``--json PATH`` writes every number (schema in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from apart_jax.config import default_config
+from apart_jax.data import make_dataset, to_unit_range
+from apart_jax.methods.base import forward_train, mean_cross_entropy
+from apart_jax.models import COMPUTE_DTYPES, MODELS
+from apart_jax.parallel import batch_sharded, data_mesh, replicated
+from apart_jax.train import (
+    Run,
+    compile_epoch_steps,
+    device_order,
+    make_eval_data,
+    make_eval_step,
+    setup_run,
+    train_epoch,
+    zero_totals,
+)
+from experiments.cli import quiet_logging
+
+METHODS = ("clean", "fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd10")
+# Dense bf16 peak of one device in TFLOP/s, by jax's device_kind, for the MFU estimate.
+PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0, "TPU v4": 275.0}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("methods", list(METHODS), "Methods to time (pgd10 is PGD with 10 steps).")
+flags.DEFINE_enum("model", "preact_resnet18", sorted(MODELS), "Model.")
+flags.DEFINE_integer("width", 16, "Model width (64: the paper's PreAct-ResNet-18).")
+flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_enum("dtype", "float32", sorted(COMPUTE_DTYPES), "Computation dtype.")
+flags.DEFINE_integer("devices", 0, "Devices to spread the batch over (0: all).")
+flags.DEFINE_integer("steps", 20, "Timed steps per method.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps before timing (after compilation).")
+flags.DEFINE_integer("epoch_examples", 2560, "Examples of the timed epoch (0: skip it).")
+flags.DEFINE_integer("eval_points", 512, "Test points of the timed PGD-20 pass (0: skip it).")
+flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for the MFU estimate.")
+flags.DEFINE_string("json", None, "Write all results to this JSON file.")
+
+
+def synthetic_cifar(num_train: int, num_test: int, seed: int = 0):
+    """Random uint8 images of CIFAR-10's shape and random labels in [0, 10)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (num_train + num_test, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, num_train + num_test).astype(np.int32)
+    return make_dataset(
+        "synthetic",
+        images[:num_train],
+        labels[:num_train],
+        images[num_train:],
+        labels[num_train:],
+        num_classes=10,
+    )
+
+
+def bench_config(method: str, num_train: int) -> ml_collections.ConfigDict:
+    """The spec's defaults with the benchmark's model, batch and dtype; pgd10 is PGD-10."""
+    config = default_config()
+    config.dataset = "cifar10"  # its augmentation: 4 pixels of padding, flips
+    config.method = "pgd" if method == "pgd10" else method
+    config.pgd_steps = 10
+    config.model, config.width = FLAGS.model, FLAGS.width
+    config.batch_size, config.dtype = FLAGS.batch_size, FLAGS.dtype
+    config.train_size, config.progress = num_train, False
+    return config
+
+
+def timed_calls(call: Callable[[], object], count: int) -> list[float]:
+    """Seconds of ``count`` calls of ``call``, each waited for on the device."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def step_flops(compiled) -> float | None:
+    """XLA's FLOP count of one call of a compiled function, if the backend reports it."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops else None
+
+
+def time_method(run: Run) -> dict:
+    """Compile time, step times and FLOPs of ``run``'s training step on full batches."""
+    batch, num_train = FLAGS.batch_size, len(run.dataset.y_train)
+    order = device_order(0, 1, num_train, run.mesh)
+    start = time.perf_counter()
+    compiled = run.train_step.in_epoch.lower(
+        run.state, run.data, order, np.int32(0), batch_size=batch
+    ).compile()
+    compile_s = time.perf_counter() - start
+    state, position = run.state, 0
+
+    def step():
+        nonlocal state, position
+        state, metrics = compiled(state, run.data, order, np.int32(position))
+        position = (position + batch) % (num_train - batch + 1)
+        return state, metrics
+
+    timed_calls(step, FLAGS.warmup)
+    times = timed_calls(step, FLAGS.steps)
+    run.state = state  # the steps donated the state they were given
+    return {
+        "compile_s": compile_s,
+        "times": times,
+        "passes": run.method.passes_per_step,
+        "flops": step_flops(compiled),
+    }
+
+
+def time_input_gradient(run: Run) -> float:
+    """Median seconds of one input-gradient pass: forward and backward to x, BN training mode."""
+    mesh, ctx = run.mesh, run.ctx
+    images = run.data.images[: FLAGS.batch_size]
+    labels = run.data.labels[: FLAGS.batch_size]
+
+    def input_gradient(params, batch_stats, images, labels):
+        x = jax.lax.with_sharding_constraint(to_unit_range(images), batch_sharded(mesh))
+
+        def loss(x):
+            logits, new_stats = forward_train(ctx, params, batch_stats, x)
+            return mean_cross_entropy(logits, labels), new_stats
+
+        return jax.grad(loss, has_aux=True)(x)
+
+    args = (run.state.params, run.state.batch_stats, images, labels)
+    compiled = jax.jit(input_gradient, out_shardings=replicated(mesh)).lower(*args).compile()
+    times = timed_calls(lambda: compiled(*args), FLAGS.warmup + FLAGS.steps)
+    return statistics.median(times[FLAGS.warmup :])
+
+
+def time_epoch(run: Run) -> dict:
+    """One whole epoch through the trainer's loop (after one untimed epoch), and its steps."""
+    steps = compile_epoch_steps(run, run.state)
+    state, num_train = run.state, len(run.dataset.y_train)
+    epoch_s = []
+    for epoch in (1, 2):
+        start = time.perf_counter()
+        order = device_order(0, epoch, num_train, run.mesh)
+        state, totals = train_epoch(
+            steps, state, zero_totals(run.mesh), run.data, order, run.batch_sizes
+        )
+        jax.block_until_ready((state, totals))
+        epoch_s.append(time.perf_counter() - start)
+    return {"epoch_s": epoch_s[1], "steps": len(run.batch_sizes), "examples": num_train}
+
+
+def time_evaluation(run: Run) -> dict:
+    """One PGD-20 pass (step 2/255, eps 8/255, BN in inference mode) over the test points."""
+    config, mesh = run.config, run.mesh
+    points = FLAGS.eval_points
+    batch = min(config.eval_batch_size, points)
+    test = make_eval_data(
+        run.dataset.x_test[:points], run.dataset.y_test[:points], batch, replicated(mesh)
+    )
+    eval_step = make_eval_step(
+        run.model.apply, eps=8 / 255, step_size=2 / 255, steps=20, unroll=None, mesh=mesh
+    )
+    key = jax.random.key(0)
+
+    def one_pass():
+        return [
+            eval_step(
+                run.state.params, run.state.batch_stats, *(a[s : s + batch] for a in test), key
+            )
+            for s in range(0, len(test.labels), batch)
+        ]
+
+    start = time.perf_counter()
+    jax.block_until_ready(one_pass())
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(one_pass())
+    seconds = time.perf_counter() - start
+    return {"points": points, "seconds": seconds, "first_call_s": first}
+
+
+def machine_info(mesh) -> dict:
+    device = jax.devices()[0]
+    return {
+        "date": datetime.date.today().isoformat(),
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "devices": mesh.size,
+        "host_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+    }
+
+
+def summarize(raw: dict[str, dict], t_in: float | None) -> dict:
+    """The JSON ``results`` and ``pass_costs`` from the raw timings."""
+    results = {}
+    for name, r in raw.items():
+        step_s = statistics.median(r["times"])
+        results[name] = {
+            "step_s": step_s,
+            "step_s_min": min(r["times"]),
+            "step_s_max": max(r["times"]),
+            "images_per_s": FLAGS.batch_size / step_s,
+            "compile_s": r["compile_s"],
+            "passes": r["passes"],
+            "flops_per_step": r["flops"],
+        }
+    for r in results.values():
+        for reference in ("pgd10", "clean"):
+            if reference in results:
+                r[f"ratio_to_{reference}"] = r["step_s"] / results[reference]["step_s"]
+    pass_costs = {"t_in": t_in}
+    if t_in is not None and "clean" in results:
+        t_train = results["clean"]["step_s"]
+        pass_costs.update(
+            t_train=t_train,
+            t_in_over_t_train=t_in / t_train,
+            apart_floor_s=t_in + t_train,
+            pgd10_floor_s=10 * t_in + t_train,
+            floor_ratio_apart_to_pgd10=(t_in + t_train) / (10 * t_in + t_train),
+        )
+    return {"results": results, "pass_costs": pass_costs}
+
+
+def targets(summary: dict) -> list[tuple[str, float, float]]:
+    """(target, measured, bound) for every target of the speed issue that was measured."""
+    r, costs = summary["results"], summary["pass_costs"]
+    checks = []
+    if "apart" in r and "apart_floor_s" in costs:
+        checks.append(
+            ("apart / (t_in + t_train)", r["apart"]["step_s"] / costs["apart_floor_s"], 1.1)
+        )
+    if "pgd10" in r and "pgd10_floor_s" in costs:
+        checks.append(
+            ("pgd10 / (10 t_in + t_train)", r["pgd10"]["step_s"] / costs["pgd10_floor_s"], 1.1)
+        )
+    if "apart" in r and "pgd10" in r:
+        checks.append(("apart / pgd10", r["apart"]["ratio_to_pgd10"], 0.25))
+    if "apart" in r and "clean" in r:
+        checks.append(("apart / clean", r["apart"]["ratio_to_clean"], 1.8))
+    if "fgsm_plus" in r and "fgsm_rs" in r:
+        checks.append(
+            ("fgsm_plus / fgsm_rs", r["fgsm_plus"]["step_s"] / r["fgsm_rs"]["step_s"], 1.1)
+        )
+    for name, epoch in summary.get("epochs", {}).items():
+        checks.append((f"{name} epoch / sum of its steps", epoch["ratio_to_steps"], 1.1))
+    return checks
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_logging()
+    unknown = sorted(set(FLAGS.methods) - set(METHODS))
+    if unknown:
+        raise app.UsageError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    devices = jax.devices()[: FLAGS.devices or None]
+    mesh = data_mesh(devices)
+    num_train = max(FLAGS.epoch_examples, 2 * FLAGS.batch_size)
+    dataset = synthetic_cifar(num_train, max(FLAGS.eval_points, 1))
+    config_info = {
+        "model": FLAGS.model,
+        "width": FLAGS.width,
+        "batch_size": FLAGS.batch_size,
+        "dtype": FLAGS.dtype,
+        "devices": mesh.size,
+        "steps": FLAGS.steps,
+        "warmup": FLAGS.warmup,
+        "epoch_examples": FLAGS.epoch_examples,
+        "eval_points": FLAGS.eval_points,
+    }
+    machine = machine_info(mesh)
+    print(
+        f"{machine['devices']} x {machine['device_kind']} ({machine['platform']}), "
+        f"jax {machine['jax']}; {FLAGS.model} width {FLAGS.width}, batch {FLAGS.batch_size}, "
+        f"{FLAGS.dtype}"
+    )
+
+    runs, raw, t_in = {}, {}, None
+    for name in FLAGS.methods:
+        runs[name] = setup_run(bench_config(name, num_train), dataset, mesh)
+        raw[name] = time_method(runs[name])
+        print(f"  {name}: {statistics.median(raw[name]['times']) * 1e3:.1f} ms/step")
+    if "clean" in runs:
+        t_in = time_input_gradient(runs["clean"])
+    summary = {"machine": machine, "config": config_info, **summarize(raw, t_in)}
+
+    if FLAGS.epoch_examples:
+        summary["epochs"] = {}
+        for name in ("apart", "pgd10"):
+            if name in runs:
+                epoch = time_epoch(
+                    setup_run(bench_config(name, FLAGS.epoch_examples), dataset, mesh)
+                )
+                steps_s = epoch["steps"] * summary["results"][name]["step_s"]
+                epoch.update(sum_of_steps_s=steps_s, ratio_to_steps=epoch["epoch_s"] / steps_s)
+                summary["epochs"][name] = epoch
+    if FLAGS.eval_points and "apart" in runs:
+        summary["evaluation"] = time_evaluation(runs["apart"])
+
+    peak = FLAGS.peak_tflops or PEAK_TFLOPS.get(machine["device_kind"])
+    for r in summary["results"].values():
+        flops = r.pop("flops_per_step")
+        r["tflops_per_s"] = None if flops is None else flops / r["step_s"] / 1e12
+        r["mfu"] = None if flops is None or peak is None else r["tflops_per_s"] / (peak * mesh.size)
+
+    print_report(summary)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"written: {FLAGS.json}")
+
+
+def print_report(summary: dict) -> None:
+    results = summary["results"]
+    header = (
+        f"{'method':<10}{'passes':>7}{'compile s':>10}{'step ms':>9}{'min':>8}{'max':>8}"
+        f"{'img/s':>9}{'/pgd10':>8}{'/clean':>8}{'TFLOP/s':>9}"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    for name, r in results.items():
+        tflops = "" if r["tflops_per_s"] is None else f"{r['tflops_per_s']:.2f}"
+        print(
+            f"{name:<10}{r['passes']:>7}{r['compile_s']:>10.1f}{r['step_s'] * 1e3:>9.1f}"
+            f"{r['step_s_min'] * 1e3:>8.1f}{r['step_s_max'] * 1e3:>8.1f}"
+            f"{r['images_per_s']:>9.0f}{r.get('ratio_to_pgd10', float('nan')):>8.3f}"
+            f"{r.get('ratio_to_clean', float('nan')):>8.3f}{tflops:>9}"
+        )
+    costs = summary["pass_costs"]
+    if costs.get("t_train"):
+        print(
+            f"\nt_in {costs['t_in'] * 1e3:.1f} ms, t_train {costs['t_train'] * 1e3:.1f} ms, "
+            f"t_in / t_train {costs['t_in_over_t_train']:.3f}; floors: apart "
+            f"{costs['apart_floor_s'] * 1e3:.1f} ms, pgd10 {costs['pgd10_floor_s'] * 1e3:.1f} ms, "
+            f"apart / pgd10 {costs['floor_ratio_apart_to_pgd10']:.3f}"
+        )
+    for name, e in summary.get("epochs", {}).items():
+        print(
+            f"{name} epoch: {e['epoch_s']:.2f} s for {e['steps']} steps ({e['examples']} images), "
+            f"sum of steps {e['sum_of_steps_s']:.2f} s, ratio {e['ratio_to_steps']:.3f}"
+        )
+    if "evaluation" in summary:
+        e = summary["evaluation"]
+        print(
+            f"PGD-20 evaluation: {e['points']} points in {e['seconds']:.2f} s "
+            f"({e['points'] / e['seconds']:.0f} points/s)"
+        )
+    print("\ntarget                              measured   bound  met")
+    for name, measured, bound in targets(summary):
+        print(f"{name:<34}{measured:>10.3f}{bound:>8.2f}  {'yes' if measured <= bound else 'NO'}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,131 @@
+"""What keeps training at the speed of its passes: no recompilation, no read-backs, donation,
+and the speed benchmark's output. Timings themselves live in the benchmark, not here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from apart_jax.train import (
+    compile_epoch_steps,
+    device_order,
+    evaluate,
+    make_eval_data,
+    make_eval_step,
+    setup_run,
+    train_epoch,
+    zero_totals,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """Counts XLA compilations (persistent-cache hits included) while registered."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event, duration, **kwargs):
+        if event == BACKEND_COMPILE:
+            self.count += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
+@pytest.mark.parametrize("method", ["apart", "pgd"])
+def test_later_epochs_compile_nothing_read_nothing_back_and_donate_the_state(method):
+    # 200 examples in batches of 64: two compiled step shapes (64 and the last 8).
+    config = tiny_config(method=method, train_size=200, test_size=50, batch_size=64)
+    run = setup_run(config)
+    num_train = len(run.dataset.y_train)
+    with CompileCounter() as compiles:
+        steps = compile_epoch_steps(run, run.state)
+        assert sorted(steps) == [8, 64]
+        first_state = run.state
+        order = device_order(config.seed, 1, num_train, run.mesh)
+        state, totals = train_epoch(
+            steps, first_state, zero_totals(run.mesh), run.data, order, run.batch_sizes
+        )
+        jax.block_until_ready(state)
+        # Donated: every array buffer is reused (XLA may keep a few scalar inputs it could
+        # not alias, such as the schedules' hyper-parameters).
+        assert all(x.is_deleted() for x in jax.tree.leaves(first_state) if x.ndim)
+        after_first_epoch = compiles.count
+        orders = [device_order(config.seed, e, num_train, run.mesh) for e in (2, 3)]
+        with jax.transfer_guard_device_to_host("disallow"):
+            for order in orders:
+                state, totals = train_epoch(
+                    steps, state, zero_totals(run.mesh), run.data, order, run.batch_sizes
+                )
+            jax.block_until_ready(state)
+        assert compiles.count == after_first_epoch
+        assert int(state.step) == 3 * len(run.batch_sizes)
+
+        test = make_eval_data(run.dataset.x_test, run.dataset.y_test, 25, order.sharding)
+        eval_step = make_eval_step(
+            run.model.apply, eps=0.03, step_size=0.01, steps=2, unroll=None, mesh=run.mesh
+        )
+        first = evaluate(eval_step, state, test, 25, jax.random.key(0))
+        after_first_evaluation = compiles.count
+        assert evaluate(eval_step, state, test, 25, jax.random.key(0)) == first
+        assert compiles.count == after_first_evaluation
+
+
+def test_speed_benchmark_writes_the_documented_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.bench_speed",
+            "--model=small_cnn",
+            "--width=4",
+            "--batch_size=32",
+            "--steps=3",
+            "--warmup=1",
+            "--epoch_examples=96",
+            "--eval_points=32",
+            f"--json={out}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert set(report) >= {"machine", "config", "pass_costs", "results", "epochs", "evaluation"}
+    assert report["machine"]["platform"] == "cpu" and report["config"]["batch_size"] == 32
+    results = report["results"]
+    passes = {"clean": 1, "fgsm": 2, "fgsm_rs": 2, "fgsm_plus": 2, "apart": 2, "pgd10": 11}
+    assert {name: r["passes"] for name, r in results.items()} == passes
+    fields = {"step_s", "step_s_min", "step_s_max", "images_per_s", "compile_s", "passes"}
+    for r in results.values():
+        assert set(r) >= fields | {"ratio_to_pgd10", "ratio_to_clean"}
+        assert 0 < r["step_s_min"] <= r["step_s"] <= r["step_s_max"]
+        np.testing.assert_allclose(r["images_per_s"], 32 / r["step_s"])
+        np.testing.assert_allclose(r["ratio_to_pgd10"], r["step_s"] / results["pgd10"]["step_s"])
+        np.testing.assert_allclose(r["ratio_to_clean"], r["step_s"] / results["clean"]["step_s"])
+    costs = report["pass_costs"]
+    assert costs["t_train"] == results["clean"]["step_s"] and costs["t_in"] > 0
+    np.testing.assert_allclose(costs["pgd10_floor_s"], 10 * costs["t_in"] + costs["t_train"])
+    for name in ("apart", "pgd10"):
+        epoch = report["epochs"][name]
+        assert epoch["steps"] == 3 and epoch["examples"] == 96 and epoch["epoch_s"] > 0
+    assert report["evaluation"]["points"] == 32
+    assert "apart / pgd10" in proc.stdout and "t_in / t_train" in proc.stdout
