@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The speed issue's GPU check, as one script: full-size PreAct-ResNet-18 (width 64), clean,
+# APART and PGD-10, bfloat16 at batch 512 (the setting) and float32 at batch 128
+# (the paper's), JSON and tables under $OUT. Expected runtime on one H100: about 5 minutes,
+# mostly compilation. Goal: APART >= 15,000 images/s in bfloat16 at batch 512.
+#
+# Run from the repository root on the GPU machine:   bash experiments/gpu/bench_speed.sh
+# The GPU image has jax, flax, optax, chex, orbax and numpy but not ml_collections; carry it
+# as a wheel in .whl/ (fetched here with pip download, see the device notes):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp -d .whl ml_collections
+# Sizes can be shrunk for a CPU rehearsal: WIDTH=4 BATCH=32 STEPS=2 EPOCH=64 EVAL=32
+# PYTHON=.venv/bin/python.
+set -euo pipefail
+OUT=${OUT:-runs/gpu_bench}
+PYTHON=${PYTHON:-python3}
+WIDTH=${WIDTH:-64}
+BATCH=${BATCH:-512}
+STEPS=${STEPS:-30}
+EPOCH=${EPOCH:-10240}
+EVAL=${EVAL:-2000}
+mkdir -p "$OUT"
+
+export PYTHONPATH="$PWD"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+"$PYTHON" -c "import jax; print(jax.__version__, jax.devices())" | tee "$OUT/devices.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/devices.txt" || true
+
+common=(--width="$WIDTH" --methods=clean,apart,pgd10 --steps="$STEPS" --warmup=5
+        --epoch_examples="$EPOCH" --eval_points="$EVAL")
+"$PYTHON" -m experiments.bench_speed "${common[@]}" --batch_size="$BATCH" --dtype=bfloat16 \
+    --json="$OUT/bench_bf16_b$BATCH.json" 2>&1 | grep -v "^W" | tee "$OUT/bench_bf16_b$BATCH.txt"
+"$PYTHON" -m experiments.bench_speed "${common[@]}" --batch_size=$((BATCH / 4)) --dtype=float32 \
+    --json="$OUT/bench_f32_b$((BATCH / 4)).json" 2>&1 | grep -v "^W" \
+    | tee "$OUT/bench_f32_b$((BATCH / 4)).txt"
