@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The speed issue's GPU check, as one script: full-size PreAct-ResNet-18 (width 64), clean,
 # APART and PGD-10, bfloat16 at batch 512 (the setting) and float32 at batch 128
-# (the paper's), JSON and tables under $OUT. Expected runtime on one H100: about 5 minutes,
-# mostly compilation. Goal: APART >= 15,000 images/s in bfloat16 at batch 512.
+# (the paper's), then PGD-10 with unrolled attack loops; JSON and tables under $OUT.
+# Expected runtime on one H100: about 6 minutes, mostly compilation. Goal: APART >= 15,000
+# images/s in bfloat16 at batch 512.
 #
 # Run from the repository root on the GPU machine:   bash experiments/gpu/bench_speed.sh
 # The GPU image has jax, flax, optax, chex, orbax and numpy but not ml_collections; carry it
@@ -37,3 +38,8 @@ common=(--width="$WIDTH" --methods=clean,apart,pgd10 --steps="$STEPS" --warmup=5
 "$PYTHON" -m experiments.bench_speed "${common[@]}" --batch_size=$((BATCH / 4)) --dtype=float32 \
     --json="$OUT/bench_f32_b$((BATCH / 4)).json" 2>&1 | grep -v "^W" \
     | tee "$OUT/bench_f32_b$((BATCH / 4)).txt"
+# GPUs keep attack loops rolled by default; measure PGD-10 and PGD-20 evaluation unrolled too.
+"$PYTHON" -m experiments.bench_speed --width="$WIDTH" --methods=pgd10 --steps="$STEPS" \
+    --warmup=5 --epoch_examples=0 --eval_points="$EVAL" --batch_size="$BATCH" \
+    --dtype=bfloat16 --unroll=true --json="$OUT/bench_bf16_b${BATCH}_unrolled.json" 2>&1 \
+    | grep -v "^W" | tee "$OUT/bench_bf16_b${BATCH}_unrolled.txt"
