@@ -12,6 +12,7 @@ the batch gathering and augmentation and jit-compiles it over the device mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -43,6 +44,7 @@ from apart_jax.methods import OMEGA_DTYPES, Method, create_method, init_omega, i
 from apart_jax.models import PSI, create_model, init_variables
 from apart_jax.optim import cyclic_sgd
 from apart_jax.parallel import batch_sharded, data_mesh, padded_rows, replicated, shard_batch
+from apart_jax.runguard import StopRequest, TrainingInterrupted, workdir_lock
 from apart_jax.state import StepContext, StepInputs, TrainState
 
 PyTree = Any
@@ -588,11 +590,25 @@ def train_and_evaluate(
       workdir: output directory (created).
       dataset: use this dataset instead of loading ``config.dataset``.
 
+    SIGTERM or SIGINT (preemption, Ctrl-C) ends the current step, writes a checkpoint and
+    raises :class:`apart_jax.runguard.TrainingInterrupted`; rerunning resumes from it.
+
     Raises:
-      ConfigError, DatasetError: invalid configuration or data, or a workdir holding a
-        different run, before anything is written.
+      ConfigError, DatasetError: invalid configuration or data, a workdir holding a
+        different run, or a workdir in use by another run, before training starts.
+      TrainingInterrupted: on SIGTERM or SIGINT, after the checkpoint is written.
     """
     run = setup_run(config, dataset)
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:
+            stack.enter_context(workdir_lock(workdir))
+        stop = stack.enter_context(StopRequest())
+        return _train_run(run, workdir, stop)
+
+
+def _train_run(run: Run, workdir: str, stop: StopRequest) -> RunResult:
+    """The body of :func:`train_and_evaluate` once the run is built and the workdir locked."""
+    config = run.config
     method, mesh, dataset, batch_sizes = run.method, run.mesh, run.dataset, run.batch_sizes
     data, num_train = run.data, len(run.dataset.y_train)
     lead = jax.process_index() == 0
@@ -647,6 +663,12 @@ def train_and_evaluate(
             meta = checkpoint_meta(config, run, seconds)
             checkpoint_path = checkpoints.save(step, state, totals, meta)
 
+    def raise_interrupted(step: int) -> None:
+        if checkpoints is not None:
+            checkpoints.wait()
+            checkpoints.close()
+        raise TrainingInterrupted(stop.signum, step, checkpoint_path)
+
     def due(step: int) -> bool:
         every = config.checkpoint_every
         return step == total_steps or (every > 0 and step % every == 0)
@@ -663,8 +685,10 @@ def train_and_evaluate(
                 acc=f"{float(totals.correct_sum) / seen:.3f}",
             )
         step = (epoch - 1) * steps_per_epoch + i + 1
-        if due(step) and i + 1 < steps_per_epoch:
+        if (due(step) or stop.signum is not None) and i + 1 < steps_per_epoch:
             save(step, state, totals, time.perf_counter() - clock_origin)
+        if stop.signum is not None:
+            raise_interrupted(step)
 
     log = MetricsLog(workdir, resume_step=resume_step, tensorboard=config.tensorboard, enabled=lead)
     with log:
@@ -711,8 +735,10 @@ def train_and_evaluate(
                     bar.set_postfix(
                         clean=f"{row['clean_acc']:.3f}", pgd20=f"{row['pgd20_acc']:.3f}"
                     )
-                if config.checkpoint_every == 0 or due(step):
+                if config.checkpoint_every == 0 or due(step) or stop.signum is not None:
                     save(step, state, totals, train_seconds)
+                if stop.signum is not None:
+                    raise_interrupted(step)
     if checkpoints is not None:
         checkpoints.wait()
         checkpoints.close()

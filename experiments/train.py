@@ -4,7 +4,9 @@
         [--config.method=pgd --config.epochs=10 ...]
 
 Writes WORKDIR/config.json, WORKDIR/metrics.jsonl, TensorBoard events and checkpoints under
-WORKDIR/checkpoints. Invalid settings or data exit with one line on stderr and status 2.
+WORKDIR/checkpoints. Invalid settings or data, or a workdir in use by another run, exit with
+one line on stderr and status 2. SIGTERM or Ctrl-C finishes the current step, writes a
+checkpoint and exits with 128 + the signal number and a line saying how to resume.
 
 Several processes (hosts, or processes on one machine) form one run when each is started
 with the same --coordinator_address and --num_processes and its own --process_id; on a
@@ -12,6 +14,8 @@ Cloud TPU VM pod slice pass --distributed alone and JAX finds the rest.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -38,9 +42,14 @@ def main(argv: list[str]) -> None:
     # Imported after joining the runtime: nothing may touch a JAX backend before that.
     import jax
 
+    from apart_jax.runguard import TrainingInterrupted
     from apart_jax.train import train_and_evaluate
 
-    result = run_or_exit(lambda: train_and_evaluate(FLAGS.config, FLAGS.workdir))
+    try:
+        result = run_or_exit(lambda: train_and_evaluate(FLAGS.config, FLAGS.workdir))
+    except TrainingInterrupted as stop:
+        print(f"{stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     if jax.process_index() != 0:
         return
     last = result.last

@@ -17,6 +17,7 @@ from conftest import tiny_config
 from apart_jax.checkpoint import RunCheckpoints
 from apart_jax.config import ConfigError
 from apart_jax.logbook import read_rows
+from apart_jax.runguard import workdir_lock
 from apart_jax.summary import read_scalars
 from apart_jax.train import restore_latest, setup_run, train_and_evaluate
 
@@ -170,12 +171,23 @@ TRAIN_COMMAND = [
 ]
 
 
-def test_a_killed_training_command_resumes_to_the_uninterrupted_result(tmp_path):
+def wait_for(condition, process, seconds=300):
+    """Polls ``condition()`` every 50 ms while ``process`` runs; fails if it ends first."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_killed_and_terminated_commands_resume_to_the_uninterrupted_result(tmp_path):
+    """kill -9 after the first checkpoint; SIGTERM after epoch 1 with no checkpoint due (the
+    signal writes one). Both reruns end with the uninterrupted run's metrics."""
     env = {**os.environ, "PYTHONPATH": ROOT}
 
-    def train(workdir):
+    def train(workdir, *overrides):
         return subprocess.Popen(
-            [sys.executable, *TRAIN_COMMAND, f"--workdir={workdir}"],
+            [sys.executable, *TRAIN_COMMAND, *overrides, f"--workdir={workdir}"],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -185,24 +197,43 @@ def test_a_killed_training_command_resumes_to_the_uninterrupted_result(tmp_path)
 
     reference = train(tmp_path / "reference")
     killed = train(tmp_path / "killed")
-    deadline = time.monotonic() + 300
+    terminated = train(tmp_path / "terminated", "--config.checkpoint_every=1000")
     checkpoints = tmp_path / "killed" / "checkpoints"
-    while time.monotonic() < deadline:
-        if checkpoints.is_dir() and any(d.isdigit() for d in os.listdir(checkpoints)):
-            break
-        assert killed.poll() is None, killed.communicate()[1]
-        time.sleep(0.05)
+    wait_for(lambda: checkpoints.is_dir() and checkpoint_steps(tmp_path / "killed"), killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
+    metrics = tmp_path / "terminated" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and read_rows(str(metrics)), terminated)
+    signalled = time.monotonic()
+    terminated.send_signal(signal.SIGTERM)
+    _, err = terminated.communicate(timeout=120)
+    assert time.monotonic() - signalled < 60
+    assert terminated.returncode == 128 + signal.SIGTERM
+    stopped_at = checkpoint_steps(tmp_path / "terminated")
+    assert len(stopped_at) == 1 and 32 <= stopped_at[0] < 96  # written by the signal
+    assert err.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM after step {stopped_at[0]}: checkpoint "
+        f"{tmp_path / 'terminated' / 'checkpoints' / str(stopped_at[0])} saved; "
+        "run the same command again to resume"
+    )
     assert reference.wait(timeout=300) == 0, reference.communicate()[1]
-    assert len(read_rows(str(tmp_path / "reference" / "metrics.jsonl"))) == 3
-    killed_at = max(checkpoint_steps(tmp_path / "killed"))
-    assert killed_at < 96  # 32 steps per epoch, 3 epochs: killed before the end
-
-    resumed = train(tmp_path / "killed")
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert "resumed from step" in out
     reference_rows = read_rows(str(tmp_path / "reference" / "metrics.jsonl"))
-    resumed_rows = read_rows(str(tmp_path / "killed" / "metrics.jsonl"))
-    assert without_timings(resumed_rows) == without_timings(reference_rows)
+    assert len(reference_rows) == 3
+    assert max(checkpoint_steps(tmp_path / "killed")) < 96  # killed before the end
+
+    for name, overrides in (("killed", ()), ("terminated", ("--config.checkpoint_every=1000",))):
+        resumed = train(tmp_path / name, *overrides)
+        out, err = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, err
+        assert "resumed from step" in out
+        rows = read_rows(str(tmp_path / name / "metrics.jsonl"))
+        assert without_timings(rows) == without_timings(reference_rows)
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
+    in_use = pytest.raises(ConfigError, match="in use by another training run")
+    with workdir_lock(str(tmp_path)), in_use as info:  # a run in progress holds the lock
+        train_and_evaluate(tiny_config(**RESUMABLE), str(tmp_path))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
+    train_and_evaluate(tiny_config(**{**RESUMABLE, "epochs": 1}), str(tmp_path))  # released
