@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
 
 from apart_jax.config import default_config
 from apart_jax.data import load_digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Re-use compiled programs across test runs on the same machine.
 jax.config.update(
@@ -50,3 +54,24 @@ def linear_problem(seed: int, batch: int = 6, classes: int = 2):
     x = jax.random.uniform(k_x, (batch, LINEAR_FEATURES), minval=0.25, maxval=0.75)
     y = jax.random.randint(k_y, (batch,), 0, classes)
     return (lambda x: x @ w), w, x, y
+
+
+def module_env(devices: int | None = None) -> dict[str, str]:
+    """The environment of a subprocess that imports this project, optionally with ``devices``
+    simulated CPU devices."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs ``python -m module args`` from the repository root; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=module_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

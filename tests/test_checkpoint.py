@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import ROOT, module_env, tiny_config
 
 from apart_jax.checkpoint import RunCheckpoints
 from apart_jax.config import ConfigError
@@ -20,8 +20,6 @@ from apart_jax.logbook import read_rows
 from apart_jax.runguard import workdir_lock
 from apart_jax.summary import read_scalars
 from apart_jax.train import restore_latest, setup_run, train_and_evaluate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 200 examples in batches of 64: steps of 64, 64, 64 and 8, so 4 steps per epoch.
 RESUMABLE = dict(
@@ -183,7 +181,7 @@ def wait_for(condition, process, seconds=300):
 def test_killed_and_terminated_commands_resume_to_the_uninterrupted_result(tmp_path):
     """kill -9 after the first checkpoint; SIGTERM after epoch 1 with no checkpoint due (the
     signal writes one). Both reruns end with the uninterrupted run's metrics."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = module_env()
 
     def train(workdir, *overrides):
         return subprocess.Popen(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -12,12 +11,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import ROOT, module_env, tiny_config
 
 from apart_jax.logbook import read_rows
 from apart_jax.train import restore_latest, setup_run, train_and_evaluate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ("train_loss", "train_acc", "clean_acc", "pgd20_acc")
 
 FOUR_DEVICE_RUN = """
@@ -30,14 +28,6 @@ assert jax.device_count() == 4
 config = tiny_config(**json.loads(sys.argv[1]))
 print(json.dumps(train_and_evaluate(config, sys.argv[2]).last))
 """
-
-
-def devices_env(count: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": ROOT,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}",
-    }
 
 
 @pytest.mark.parametrize("method", ["apart", "pgd"])
@@ -55,7 +45,7 @@ def test_four_devices_give_the_metrics_of_one(tmp_path, method):
     proc = subprocess.run(
         [sys.executable, "-c", FOUR_DEVICE_RUN, json.dumps(overrides), str(tmp_path / "four")],
         cwd=ROOT,
-        env=devices_env(4),
+        env=module_env(devices=4),
         capture_output=True,
         text=True,
         timeout=600,
@@ -113,7 +103,7 @@ def train_two_processes(workdir) -> list[str]:
                 f"--process_id={i}",
             ],
             cwd=ROOT,
-            env=devices_env(2),
+            env=module_env(devices=2),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -130,7 +120,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     four = subprocess.Popen(
         [sys.executable, *TRAIN, f"--workdir={tmp_path / 'four'}"],
         cwd=ROOT,
-        env=devices_env(4),
+        env=module_env(devices=4),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_module
 
 from apart_jax.config import ConfigError
 from experiments.plot import load_curves, plot_curves, run_labels
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WIDTH, HEIGHT = 800, 500
 
@@ -108,15 +106,7 @@ def test_missing_workdir_or_metrics(tmp_path):
 
 
 def plot(*args):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.plot", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("experiments.plot", *args, timeout=300)
 
 
 def test_plot_command_writes_the_png(workdirs, tmp_path):

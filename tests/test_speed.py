@@ -4,14 +4,11 @@ and the speed benchmark's output. Timings themselves live in the benchmark, not 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import run_module, tiny_config
 
 from apart_jax.train import (
     compile_epoch_steps,
@@ -24,7 +21,6 @@ from apart_jax.train import (
     zero_totals,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
@@ -87,11 +83,9 @@ def test_later_epochs_compile_nothing_read_nothing_back_and_donate_the_state(met
 
 def test_speed_benchmark_writes_the_documented_json(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.bench_speed",
+    proc = run_module(
+        "experiments.bench_speed",
+        *[
             "--model=small_cnn",
             "--width=4",
             "--batch_size=32",
@@ -101,11 +95,6 @@ def test_speed_benchmark_writes_the_documented_json(tmp_path):
             "--eval_points=32",
             f"--json={out}",
         ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import run_module, tiny_config
 
 from apart_jax.attacks.suite import AUTOATTACK, make_attack, measure_passes, run_suite
 from apart_jax.train import restore_latest, setup_run, train_and_evaluate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 24 / 255
 POINTS = 96
 
@@ -100,15 +96,7 @@ def test_unknown_attacks_are_named():
 
 
 def evaluate(*args):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.evaluate", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("experiments.evaluate", *args)
 
 
 def test_evaluate_command_writes_every_number_and_the_protocol(trained):

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import shutil
 import socket
-import subprocess
 import sys
 import time
 import types
@@ -16,7 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
-from conftest import tiny_config
+from conftest import run_module, tiny_config
 from tensorflow_datasets.testing import mocking
 
 from apart_jax import data as data_lib
@@ -245,9 +244,7 @@ def test_non_tfds_names_are_refused():
 
 
 def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "apart_jax.data", *args], capture_output=True, text=True, timeout=120
-    )
+    return run_module("apart_jax.data", *args, timeout=120)
 
 
 def test_prepare_unknown_name_exits_2_with_one_line():

@@ -5,19 +5,16 @@ from __future__ import annotations
 import configparser
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import ROOT, run_module, tiny_config
 
 from apart_jax.config import ConfigError
 from apart_jax.train import restore_latest, setup_run, train_and_evaluate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_FIELDS = {
     "epoch",
     "step",
@@ -96,13 +93,6 @@ def test_invalid_configs_fail_before_anything_is_written(overrides, message, tmp
         train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "run").exists()
-
-
-def run_module(*args, cwd=ROOT):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
 
 
 def test_train_command_rejects_bad_input_with_one_line_and_status_2(tmp_path):
