@@ -22,9 +22,9 @@ from absl import app, flags
 
 from apart_jax.checkpoint import RunCheckpoints
 from apart_jax.config import default_config
-from apart_jax.data import make_dataset
 from apart_jax.train import checkpoint_meta, setup_run, zero_totals
 from experiments.cli import quiet_logging
+from experiments.synthetic import synthetic_cifar
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", "apart", ["apart", "fgsm_plus", "fgsm", "pgd"], "Training method.")
@@ -44,13 +44,6 @@ def directory_bytes(path: str) -> int:
     )
 
 
-def synthetic_cifar(num_train: int):
-    """Zero images shaped like CIFAR-10 (only shapes matter here), labels 0..9."""
-    images = np.zeros((num_train, 32, 32, 3), np.uint8)
-    labels = np.arange(num_train, dtype=np.int32) % 10
-    return make_dataset("synthetic", images, labels, images[:10], labels[:10], num_classes=10)
-
-
 def time_checkpoints(omega_dtype: str, workdir: str) -> dict[str, float]:
     """Median seconds of the save's blocking part, the whole save and a restore; bytes."""
     config = default_config()
@@ -59,7 +52,7 @@ def time_checkpoints(omega_dtype: str, workdir: str) -> dict[str, float]:
     )
     config.dataset = "cifar10"  # its augmentation: Omega on the 40x40 padded frame
     config.progress = False
-    run = setup_run(config, synthetic_cifar(FLAGS.num_train))
+    run = setup_run(config, synthetic_cifar(FLAGS.num_train, num_test=10))
     totals = zero_totals(run.mesh)
     meta = checkpoint_meta(config, run, 0.0)
     blocking, total, restore = [], [], []

@@ -19,7 +19,7 @@ second, forward+backward passes per step, and the ratios to pgd10 and to clean. 
 * the XLA-counted FLOPs of each step and, where the device's peak is known (or
   ``--peak_tflops`` is given), the model FLOP utilization.
 
-Images are random uint8 arrays of CIFAR-10's shape: speed does not depend on pixel values.
+Images are random uint8 arrays of CIFAR-10's shape (:mod:`experiments.synthetic`).
 ``--json PATH`` writes every number (schema in docs/benchmarks.md).
 """
 
@@ -39,7 +39,7 @@ import numpy as np
 from absl import app, flags
 
 from apart_jax.config import default_config
-from apart_jax.data import make_dataset, to_unit_range
+from apart_jax.data import to_unit_range
 from apart_jax.methods.base import forward_train, mean_cross_entropy
 from apart_jax.models import COMPUTE_DTYPES, MODELS
 from apart_jax.parallel import batch_sharded, data_mesh, replicated
@@ -47,6 +47,7 @@ from apart_jax.train import (
     Run,
     compile_epoch_steps,
     device_order,
+    evaluate,
     make_eval_data,
     make_eval_step,
     setup_run,
@@ -54,6 +55,7 @@ from apart_jax.train import (
     zero_totals,
 )
 from experiments.cli import quiet_logging
+from experiments.synthetic import synthetic_cifar
 
 METHODS = ("clean", "fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd10")
 # Dense bf16 peak of one device in TFLOP/s, by jax's device_kind, for the MFU estimate.
@@ -75,21 +77,6 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for the MFU estimate.")
 flags.DEFINE_string("json", None, "Write all results to this JSON file.")
-
-
-def synthetic_cifar(num_train: int, num_test: int, seed: int = 0):
-    """Random uint8 images of CIFAR-10's shape and random labels in [0, 10)."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (num_train + num_test, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, num_train + num_test).astype(np.int32)
-    return make_dataset(
-        "synthetic",
-        images[:num_train],
-        labels[:num_train],
-        images[num_train:],
-        labels[num_train:],
-        num_classes=10,
-    )
 
 
 def bench_config(method: str, num_train: int) -> ml_collections.ConfigDict:
@@ -219,22 +206,9 @@ def time_evaluation(run: Run) -> dict:
     eval_step = make_eval_step(
         run.model.apply, eps=8 / 255, step_size=2 / 255, steps=20, unroll=config.unroll, mesh=mesh
     )
-    key = jax.random.key(0)
-
-    def one_pass():
-        return [
-            eval_step(
-                run.state.params, run.state.batch_stats, *(a[s : s + batch] for a in test), key
-            )
-            for s in range(0, len(test.labels), batch)
-        ]
-
-    start = time.perf_counter()
-    jax.block_until_ready(one_pass())
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    jax.block_until_ready(one_pass())
-    seconds = time.perf_counter() - start
+    first, seconds = timed_calls(
+        lambda: evaluate(eval_step, run.state, test, batch, jax.random.key(0)), 2
+    )
     return {"points": points, "seconds": seconds, "first_call_s": first}
 
 
