@@ -614,17 +614,12 @@ def _train_run(run: Run, workdir: str, stop: StopRequest) -> RunResult:
     lead = jax.process_index() == 0
     everywhere = replicated(mesh)
     checkpoints = (
-        RunCheckpoints(workdir, max_to_keep=config.checkpoint_keep)
-        if config.checkpoint and os.path.isdir(checkpoint_dir(workdir))
-        else None
+        RunCheckpoints(workdir, max_to_keep=config.checkpoint_keep) if config.checkpoint else None
     )
     resume_step, meta = find_resume_point(checkpoints, config)
     state, totals = run.state, zero_totals(mesh)
     if resume_step is not None:
         state, totals = restore_run_state(checkpoints, resume_step, run, meta)
-    elif checkpoints is not None:
-        checkpoints.close()
-        checkpoints = None
     train_seconds = meta.get("train_seconds", 0.0)
 
     eval_batch_size = math.ceil(min(config.eval_batch_size, len(dataset.y_test)) / mesh.size)
@@ -644,8 +639,6 @@ def _train_run(run: Run, workdir: str, stop: StopRequest) -> RunResult:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    if config.checkpoint and checkpoints is None:
-        checkpoints = RunCheckpoints(workdir, max_to_keep=config.checkpoint_keep)
 
     compile_start = time.perf_counter()
     compiled = compile_epoch_steps(run, state)
