@@ -5,9 +5,13 @@ clean inputs ``x``, integer labels ``y`` (B,) and, where it draws noise, an expl
 key; it returns adversarial inputs of the same shape and dtype, inside the eps-ball around
 ``x`` and inside [0, 1]. Attacks never touch model state: whether BN runs in training or
 inference mode is the caller's choice of closure. They work under ``jax.jit``.
+
+Every public attack first runs :func:`check_attack_inputs`: a wrong shape, dtype, key or
+hyperparameter raises a ValueError naming the argument, at trace time (no run-time cost).
 """
 
 from apart_jax.attacks.apgd import apgd, apgd_targeted
+from apart_jax.attacks.checks import check_attack_inputs
 from apart_jax.attacks.core import (
     attack_loss,
     clip_with_grad,
@@ -43,6 +47,7 @@ __all__ = [
     "run_suite",
     "square",
     "attack_loss",
+    "check_attack_inputs",
     "cw_linf",
     "project",
     "random_init",

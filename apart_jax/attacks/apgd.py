@@ -33,10 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apart_jax.attacks.checks import check_attack_inputs, check_unroll
 from apart_jax.attacks.core import (
-    _check_budget,
-    check_positive_int,
-    check_unroll,
     l2_norm,
     l2_normalize,
     project_l2,
@@ -223,9 +221,7 @@ def _apgd_restarts(logits_fn, x, y, targets, key, best, *, restarts, **kwargs):
     return best
 
 
-def _check_apgd_args(eps, norm, steps, restarts, rho, momentum, unroll):
-    _check_budget(eps, None, steps, norm)
-    check_positive_int("restarts", restarts)
+def _check_apgd_args(rho, momentum, unroll):
     if not 0.0 < rho <= 1.0:
         raise ValueError(f"rho must be in (0, 1], got {rho}")
     if not 0.0 < momentum <= 1.0:
@@ -276,7 +272,18 @@ def apgd(
     ``logits_fn`` (each run evaluates the loss and its gradient at the start and after each
     step); no other evaluation.
     """
-    _check_apgd_args(eps, norm, steps, restarts, rho, momentum, unroll)
+    check_attack_inputs(
+        x,
+        y,
+        key=key,
+        logits_fn=logits_fn,
+        targets=targets,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        restarts=restarts,
+    )
+    _check_apgd_args(rho, momentum, unroll)
     if loss not in APGD_LOSSES:
         raise ValueError(f"loss must be one of {APGD_LOSSES}, got {loss!r}")
     if loss == "targeted_dlr":
@@ -342,7 +349,10 @@ def apgd_targeted(
     clean inputs, to rank the classes) and ``n_target_classes * restarts * (steps + 1)``
     backward passes through ``logits_fn``.
     """
-    _check_apgd_args(eps, norm, steps, restarts, 0.75, 0.75, unroll)
+    check_attack_inputs(
+        x, y, key=key, logits_fn=logits_fn, eps=eps, norm=norm, steps=steps, restarts=restarts
+    )
+    _check_apgd_args(0.75, 0.75, unroll)
     clean_logits = logits_fn(x)
     classes = clean_logits.shape[-1]
     if classes < 4:

@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
+from apart_jax.attacks.checks import check_attack_inputs, check_positive_int
 from apart_jax.attacks.losses import cross_entropy, dlr_loss, margin_loss, targeted_dlr_loss
 
 LogitsFn = Callable[[jax.Array], jax.Array]
-NORMS = ("linf", "l2")
 Carry = TypeVar("Carry")
 
 
@@ -73,6 +73,7 @@ def project_l2(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
 
 def uniform_start(key: jax.Array, x: jax.Array, eps: float) -> jax.Array:
     """A uniform random point of the eps-ball around ``x``, clipped to [0, 1]."""
+    check_attack_inputs(x, key=key, eps=eps, norm="linf")
     noise = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
     return jnp.clip(x + noise, 0.0, 1.0)
 
@@ -92,6 +93,7 @@ def random_init(key: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Arra
 
     L-inf: uniform in the cube. L2: a uniform direction at a radius eps * U(0, 1).
     """
+    check_attack_inputs(x, key=key, eps=eps, norm=norm)
     if norm == "linf":
         return uniform_start(key, x, eps)
     k_dir, k_radius = jax.random.split(key)
@@ -154,44 +156,6 @@ def loss_gradient(logits_fn: LogitsFn, x: jax.Array, y: jax.Array) -> jax.Array:
     return jax.grad(lambda x: jnp.sum(cross_entropy(logits_fn(x), y)))(x)
 
 
-def _check_budget(
-    eps: float,
-    step_size: float | None = None,
-    steps: int | None = None,
-    norm: str = "linf",
-) -> None:
-    """Raises ValueError naming the first invalid attack argument."""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if not (0.0 < eps <= 1.0 if norm == "linf" else eps > 0.0):
-        bound = "(0, 1]" if norm == "linf" else "(0, inf)"
-        raise ValueError(f"eps must be in {bound} for norm {norm!r}, got {eps}")
-    if step_size is not None and not step_size > 0:
-        raise ValueError(f"step_size must be positive, got {step_size}")
-    if steps is not None:
-        check_positive_int("steps", steps)
-
-
-def check_positive_int(name: str, value: object) -> None:
-    """Raises ValueError naming ``name`` unless ``value`` is an int >= 1 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def check_unroll(unroll: object) -> None:
-    """Raises ValueError unless ``unroll`` is a bool or a positive int (``lax.fori_loop``'s)."""
-    if not isinstance(unroll, bool) and (not isinstance(unroll, int) or unroll < 1):
-        raise ValueError(f"unroll must be a positive int or a bool, got {unroll!r}")
-
-
-def check_labels(x: jax.Array, y: jax.Array) -> None:
-    """Raises ValueError unless ``x`` is a batch (B, ...) and ``y`` has shape (B,)."""
-    if jnp.ndim(x) < 2:
-        raise ValueError(f"x must be a batch (B, ...), got shape {jnp.shape(x)}")
-    if jnp.shape(y) != jnp.shape(x)[:1]:
-        raise ValueError(f"y must have shape ({jnp.shape(x)[0]},), got {jnp.shape(y)}")
-
-
 def ranked_targets(clean_logits: jax.Array, n_target_classes: int) -> jax.Array:
     """Target classes of the targeted attacks: ranks 2 .. n + 1 of the clean logits.
 
@@ -223,7 +187,7 @@ def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, eps: float) -> jax.
     Returns:
       Adversarial inputs, same shape and dtype as ``x``.
     """
-    _check_budget(eps)
+    check_attack_inputs(x, y, logits_fn=logits_fn, eps=eps, norm="linf")
     return project_linf(x + eps * jnp.sign(loss_gradient(logits_fn, x, y)), x, eps)
 
 
@@ -286,10 +250,20 @@ def pgd(
     Returns:
       Adversarial inputs, same shape and dtype as ``x``.
     """
-    _check_budget(eps, step_size, steps, norm)
+    check_attack_inputs(
+        x,
+        y,
+        key=key,
+        logits_fn=logits_fn,
+        targets=targets,
+        eps=eps,
+        step_size=step_size,
+        norm=norm,
+        steps=steps,
+        restarts=restarts,
+    )
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    check_positive_int("restarts", restarts)
     if targeted != (targets is not None):
         raise ValueError("targets must be given exactly when targeted=True")
 

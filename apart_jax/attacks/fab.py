@@ -24,13 +24,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from apart_jax.attacks.core import (
-    _check_budget,
-    check_labels,
-    check_positive_int,
-    check_unroll,
-    ranked_targets,
-)
+from apart_jax.attacks.checks import check_attack_inputs, check_unroll
+from apart_jax.attacks.core import ranked_targets
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -236,9 +231,7 @@ def _finish(x, best, best_norm, eps):
     return jnp.where(ok[:, None], best, flat).reshape(x.shape).astype(x.dtype)
 
 
-def _check_fab_args(x, y, *, eps, norm, steps, restarts, alpha_max, eta, beta, unroll):
-    _check_budget(eps, steps=steps, norm=norm)
-    check_positive_int("restarts", restarts)
+def _check_fab_args(alpha_max, eta, beta, unroll):
     if not 0.0 <= alpha_max <= 1.0:
         raise ValueError(f"alpha_max must be in [0, 1], got {alpha_max}")
     if not eta > 0.0:
@@ -246,7 +239,6 @@ def _check_fab_args(x, y, *, eps, norm, steps, restarts, alpha_max, eta, beta, u
     if not 0.0 < beta <= 1.0:
         raise ValueError(f"beta must be in (0, 1], got {beta}")
     check_unroll(unroll)
-    check_labels(x, y)
 
 
 def fab(
@@ -313,20 +305,18 @@ def fab(
       point found if its norm is <= eps, else ``x``. Examples misclassified clean return
       ``x`` (their smallest adversarial norm is 0).
     """
-    _check_fab_args(
+    check_attack_inputs(
         x,
         y,
+        key=key,
+        logits_fn=logits_fn,
+        targets=targets,
         eps=eps,
         norm=norm,
         steps=steps,
         restarts=restarts,
-        alpha_max=alpha_max,
-        eta=eta,
-        beta=beta,
-        unroll=unroll,
     )
-    if targets is not None and jnp.shape(targets) != (x.shape[0],):
-        raise ValueError(f"targets must have shape ({x.shape[0]},), got {jnp.shape(targets)}")
+    _check_fab_args(alpha_max, eta, beta, unroll)
     best, best_norm = _fab_search(
         logits_fn,
         x,
@@ -381,18 +371,10 @@ def fab_targeted(
       ``x_adv`` of the shape and dtype of ``x``: per example the smallest-norm misclassified
       point over all targets if its norm is <= eps, else ``x``.
     """
-    _check_fab_args(
-        x,
-        y,
-        eps=eps,
-        norm=norm,
-        steps=steps,
-        restarts=restarts,
-        alpha_max=0.1,
-        eta=1.05,
-        beta=0.9,
-        unroll=unroll,
+    check_attack_inputs(
+        x, y, key=key, logits_fn=logits_fn, eps=eps, norm=norm, steps=steps, restarts=restarts
     )
+    _check_fab_args(0.1, 1.05, 0.9, unroll)
     targets_by_rank = ranked_targets(logits_fn(x), n_target_classes)  # (n, B)
     batch = x.shape[0]
 

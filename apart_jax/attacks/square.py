@@ -35,14 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apart_jax.attacks.core import (
-    LogitsFn,
-    _check_budget,
-    check_labels,
-    check_positive_int,
-    check_unroll,
-    l2_norm,
-)
+from apart_jax.attacks.checks import check_attack_inputs, check_unroll
+from apart_jax.attacks.core import LogitsFn, l2_norm
 from apart_jax.attacks.losses import margin_loss
 
 #: Iterations (on the reference's 10,000-query scale) after which ``p`` halves.
@@ -282,15 +276,13 @@ def square(
       Per example the lowest-margin point queried (the first misclassified one, if any),
       same shape and dtype as ``x``, inside the eps-ball around ``x`` and inside [0, 1].
     """
-    _check_budget(eps, norm=norm)
-    check_positive_int("queries", queries)
+    check_attack_inputs(
+        x, y, key=key, logits_fn=logits_fn, eps=eps, norm=norm, images=True, queries=queries
+    )
     if not 0.0 < p_init <= 1.0:
         raise ValueError(f"p_init must be in (0, 1], got {p_init}")
     check_unroll(unroll)
-    if jnp.ndim(x) != 4:
-        raise ValueError(f"x must be 4-D images (B, H, W, C), got shape {jnp.shape(x)}")
     x = jnp.asarray(x)
-    check_labels(x, y)
     height, width = x.shape[1:3]
 
     sides = [

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apart_jax.attacks.apgd import apgd, apgd_targeted
+from apart_jax.attacks.checks import check_attack_inputs
 from apart_jax.attacks.core import cw_linf, fgsm, pgd
 from apart_jax.attacks.counting import PassCount, counting
 from apart_jax.attacks.evaluation import ApplyFn, Attack, attack_in_batches, predict
@@ -54,12 +55,13 @@ def make_attack(name: str, *, eps: float, norm: str = "linf") -> Attack:
         raise ValueError(f"unknown attack {name!r}; choose from {sorted(attacks)}")
     if norm != "linf" and name in ("fgsm", "cw"):
         raise ValueError(f"attack {name!r} is L-inf only, got norm={norm!r}")
+    check_attack_inputs(eps=eps, norm=norm)
     return attacks[name]()
 
 
 def _keyless(attack):
     def run(logits_fn, x, y, key):
-        del key
+        check_attack_inputs(x, key=key)  # the key is unused, but the interface takes one
         return attack(logits_fn, x, y)
 
     return run
@@ -131,8 +133,21 @@ def run_suite(
       eps, norm: the threat model; batch_size: points per compiled batch.
       progress: show a progress bar per attack with the number of points still robust.
     """
-    instances = [(name, make_attack(name, eps=eps, norm=norm)) for name in attacks]
+    if isinstance(attacks, str):
+        raise ValueError(f"attacks must be a sequence of attack names, got the string {attacks!r}")
     x, y = np.asarray(x), np.asarray(y)
+    check_attack_inputs(
+        x,
+        y,
+        key=key,
+        logits_fn=lambda z: apply_fn(variables, z),
+        eps=eps,
+        norm=norm,
+        allow_empty=True,
+        logits_fn_name="apply_fn(variables, x)",
+        batch_size=batch_size,
+    )
+    instances = [(name, make_attack(name, eps=eps, norm=norm)) for name in attacks]
     robust = predict(apply_fn, variables, x, batch_size=batch_size) == y
     clean_accuracy = float(np.mean(robust))
     x_adv = x.copy()
