@@ -18,7 +18,7 @@ from apart_jax.models import (
     load_variables,
 )
 from apart_jax.models.layers import BatchNorm
-from apart_jax.models.perturbation import site_zeros
+from apart_jax.models.perturbation import block_alphas, site_zeros
 
 BLOCKS = [f"stage{s}_block{b}" for s in range(1, 5) for b in (1, 2)]
 
@@ -43,6 +43,49 @@ def test_full_size_parameter_count_equals_the_pytorch_model():
     shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (32, 32, 3)))
     # stem 1,728 + stages 147,968 + 525,184 + 2,098,944 + 8,392,192 + final BN 1,024 + head 5,130.
     assert sum(x.size for x in jax.tree.leaves(shapes["params"])) == 11_172_170
+
+
+WRN_BLOCKS = [f"stage{s}_block{b}" for s in range(1, 4) for b in range(1, 6)]
+
+
+def test_wide_resnet_has_fifteen_blocks_with_psi_and_maps_images_to_logits():
+    # Width 16: stem 16, stages at 16, 32, 64 channels.
+    model = create_model("wide_resnet34_10", num_classes=7, width=16)
+    variables = init_variables(model, jax.random.key(0), (32, 32, 3))
+    alphas = block_alphas(variables[PSI])
+    assert list(alphas) == WRN_BLOCKS
+    assert all(a.shape == () for a in alphas.values())
+    assert set(variables[PSI]) == {"alpha", "alpha_omega", *WRN_BLOCKS}
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    assert model.apply(variables, x).shape == (2, 7)
+    zeros = site_zeros(model.apply, variables, x)
+    assert zeros["stage1_block1"]["preact"].shape == (2, 32, 32, 16)  # the stem's output
+    assert zeros["stage2_block1"]["preact"].shape == (2, 32, 32, 16)
+    assert zeros["stage2_block2"]["preact"].shape == (2, 16, 16, 32)
+    assert zeros["stage3_block5"]["preact"].shape == (2, 8, 8, 64)
+    params = variables["params"]
+    assert params["stem"]["kernel"].shape == (3, 3, 3, 16)
+    assert params["head"]["kernel"].shape == (64, 7)
+    # Projections only where the shape changes: stages 2 and 3 (stage 1 keeps 16 channels).
+    assert [b for b in WRN_BLOCKS if "shortcut" in params[b]] == ["stage2_block1", "stage3_block1"]
+
+
+def test_wide_resnet34_10_parameter_count_equals_the_pytorch_model():
+    """WRN-34-10 for 10 classes has 46,160,474 parameters, as PyTorch's WideResNet(34, 10).
+
+    Same layout as Madry's/TRADES' model: convolutions (stem, blocks, 1x1 projections)
+    without bias, BN scale and bias, a dense head with bias. Shapes only (no forward pass).
+    """
+    model = create_model("wide_resnet34_10", num_classes=10, width=160)
+    shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (32, 32, 3)))
+    params = shapes["params"]
+    assert params["stem"]["kernel"].shape == (3, 3, 3, 16)
+    assert params["stage1_block1"]["shortcut"]["kernel"].shape == (1, 1, 16, 160)
+    assert params["stage3_block5"]["conv2"]["kernel"].shape == (3, 3, 640, 640)
+    assert params["head"]["kernel"].shape == (640, 10)
+    assert len(block_alphas(shapes[PSI])) == 15
+    # stem 432 + stages 2,102,112 + 8,812,480 + 35,237,760 + final BN 1,280 + head 6,410.
+    assert sum(x.size for x in jax.tree.leaves(params)) == 46_160_474
 
 
 def test_sites_sit_on_each_blocks_preactivated_input(resnet):

@@ -17,11 +17,18 @@ import numpy as np
 from flax import traverse_util
 
 from apart_jax.models.perturbation import PSI, SITES
-from apart_jax.models.preact_resnet import PreActBlock, PreActResNet, preact_resnet18, small_cnn
+from apart_jax.models.preact_resnet import (
+    PreActBlock,
+    PreActResNet,
+    preact_resnet18,
+    small_cnn,
+    wide_resnet34_10,
+)
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "preact_resnet18": preact_resnet18,
     "small_cnn": small_cnn,
+    "wide_resnet34_10": wide_resnet34_10,
 }
 
 __all__ = [
@@ -37,6 +44,7 @@ __all__ = [
     "load_variables",
     "preact_resnet18",
     "small_cnn",
+    "wide_resnet34_10",
 ]
 
 

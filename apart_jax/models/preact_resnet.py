@@ -1,4 +1,4 @@
-"""Pre-activation ResNets with APART's perturbation sites: PreAct-ResNet-18 and a small CNN.
+"""Pre-activation ResNets with APART's perturbation sites: PreAct-ResNet-18, WRN-34-10, a small CNN.
 
 Inputs are images in [0, 1], shape (B, H, W, C), no mean/std normalization.
 """
@@ -57,18 +57,22 @@ class PreActBlock(nn.Module):
 class PreActResNet(nn.Module):
     """A pre-activation ResNet for small images.
 
-    stem 3x3 conv (``width`` channels, no bias); stages of :class:`PreActBlock` at
-    ``width * 2**s`` channels with the given strides; BN, ReLU, global average pooling and
-    a dense layer. The top level owns psi's ``alpha`` and ``alpha_omega``.
+    stem 3x3 conv (``stem_width`` channels, no bias); stages of :class:`PreActBlock` at
+    ``width * width_multipliers[s]`` channels with the given strides; BN, ReLU, global
+    average pooling and a dense layer. The top level owns psi's ``alpha`` and
+    ``alpha_omega``.
 
     Attributes:
-      stage_sizes: blocks per stage, (2, 2, 2, 2) for ResNet-18.
+      stage_sizes: blocks per stage, (2, 2, 2, 2) for ResNet-18, (5, 5, 5) for WRN-34.
       stage_strides: stride of each stage's first block.
-      width: channels of the stem and first stage (64 in the paper).
+      width: channels of the first stage (64 in the paper), and of the stem by default.
       num_classes: outputs of the final dense layer.
       shortcut_input: "raw" (release, default) or "preact"; see :class:`PreActBlock`.
       dtype: computation dtype: None (the input's, float32 normally) or bfloat16 for mixed
         precision. Parameters, BN statistics and the logits stay at least float32.
+      stem_width: channels of the stem; None = ``width`` (16 for a WideResNet).
+      width_multipliers: stage s has ``width * width_multipliers[s]`` channels, one entry
+        per stage; None = ``2**s`` (1, 2, 4, 8 for ResNet-18).
     """
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -77,6 +81,8 @@ class PreActResNet(nn.Module):
     num_classes: int = 10
     shortcut_input: ShortcutInput = "raw"
     dtype: jnp.dtype | None = None
+    stem_width: int | None = None
+    width_multipliers: Sequence[int] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -85,12 +91,17 @@ class PreActResNet(nn.Module):
             raise ValueError(
                 f"shortcut_input must be 'raw' or 'preact', got {self.shortcut_input!r}"
             )
+        multipliers = self.width_multipliers
+        if multipliers is None:
+            multipliers = [2**s for s in range(len(self.stage_sizes))]
         declare_psi(self, "alpha", "alpha_omega")
-        out = conv3x3(self.width, 1, name="stem", dtype=self.dtype)(x)
-        for s, (size, stride) in enumerate(zip(self.stage_sizes, self.stage_strides, strict=True)):
+        stem_width = self.width if self.stem_width is None else self.stem_width
+        out = conv3x3(stem_width, 1, name="stem", dtype=self.dtype)(x)
+        stages = zip(self.stage_sizes, self.stage_strides, multipliers, strict=True)
+        for s, (size, stride, multiplier) in enumerate(stages):
             for b in range(size):
                 out = PreActBlock(
-                    self.width * 2**s,
+                    self.width * multiplier,
                     stride if b == 0 else 1,
                     self.shortcut_input,
                     self.dtype,
@@ -129,3 +140,37 @@ def small_cnn(
     Same block and perturbation sites as PreAct-ResNet-18, so every method runs on it.
     """
     return PreActResNet((1, 1), (1, 2), width, num_classes, shortcut_input, dtype)
+
+
+def wide_resnet34_10(
+    num_classes: int = 10,
+    width: int = 160,
+    shortcut_input: ShortcutInput = "raw",
+    dtype: jnp.dtype | None = None,
+) -> PreActResNet:
+    """WRN-34-10, the pre-activation WideResNet of Zagoruyko & Komodakis used by Madry et al.
+
+    For images (B, 32, 32, 3): a 3x3 stem conv to 16 channels (B, 32, 32, 16); three stages
+    of 5 :class:`PreActBlock` each, at ``width``, ``2 * width``, ``4 * width`` channels
+    (160, 320, 640 for the widen factor 10) with strides 1, 2, 2, giving (B, 32, 32, 160),
+    (B, 16, 16, 320), (B, 8, 8, 640); BN, ReLU, global average pooling (B, 640) and a dense
+    layer to logits (B, num_classes). 15 blocks, so 15 perturbation sites and block alphas.
+
+    ``width`` is the first stage's channels, 16 x the widen factor (160 = WRN-34-10; the stem
+    stays at 16 channels for any width). Each stage's first block has a 1x1 projection
+    shortcut (for stage 1 because 16 != width). Madry's and TRADES' WideResNet feeds that
+    projection the pre-activated input: ``shortcut_input="preact"`` matches them exactly,
+    "raw" is the APART release's choice for its PreAct-ResNet-18; the parameters are the same.
+    At width 160 with 10 classes it has 46,160,474 parameters (convolutions without bias,
+    the head with bias), the count of the PyTorch WideResNet(34, 10).
+    """
+    return PreActResNet(
+        (5, 5, 5),
+        (1, 2, 2),
+        width,
+        num_classes,
+        shortcut_input,
+        dtype,
+        stem_width=16,
+        width_multipliers=(1, 2, 4),
+    )
