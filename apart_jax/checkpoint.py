@@ -64,6 +64,10 @@ class RunCheckpoints:
         """The step of the newest complete checkpoint, or None."""
         return self._manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The steps of every complete checkpoint, oldest first."""
+        return sorted(self._manager.all_steps())
+
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 

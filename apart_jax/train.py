@@ -492,18 +492,27 @@ def restore_run_state(
     return state.replace(omega=omega), restored["totals"]
 
 
-def restore_latest(workdir: str, run: Run) -> TrainState:
-    """The training state of ``workdir``'s newest checkpoint, placed on ``run``'s devices.
+def restore_checkpoint(workdir: str, run: Run, step: int | None = None) -> TrainState:
+    """The training state of ``workdir``'s checkpoint ``step`` (default: the newest).
+
+    The state is placed on ``run``'s devices.
 
     Raises:
-      FileNotFoundError: if ``workdir`` holds no checkpoint.
+      FileNotFoundError: if ``workdir`` holds no checkpoint, or none at ``step`` (the
+        message lists the steps it holds).
     """
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
     with RunCheckpoints(workdir) as checkpoints:
-        step = checkpoints.latest_step()
-        if step is None:
+        steps = checkpoints.steps()
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint at step {step} in {checkpoint_dir(workdir)} (it holds {steps})"
+            )
         state, _ = restore_run_state(checkpoints, step, run, checkpoints.read_meta(step))
     return state
 

@@ -1,22 +1,30 @@
 """Evaluate a training run's checkpoint under attack suites.
 
-    python -m experiments.evaluate --workdir=DIR [--suite=pgd20,cw,autoattack] \
+    python -m experiments.evaluate --workdir=DIR [--suite=pgd20,cw,autoattack] [--step=STEP] \
         [--num_points=0] [--seed=0] [--batch_size=500] [--npz=FILE] [--eps=...] [--norm=linf]
 
-Restores the latest checkpoint of DIR (written by experiments.train), evaluates on its
-dataset's test split (or the x_test, y_test of --npz), BN in inference mode, prints a table
-and writes DIR/eval.json with every number and the protocol. Suite entries: "autoattack"
-(APGD-CE, APGD-T, FAB-T, Square as a worst case) or any single attack of
+Restores checkpoint --step of DIR (written by experiments.train; default: the newest; a step
+that is not saved exits with status 2 and lists the saved steps), evaluates on its dataset's
+test split (or the x_test, y_test of --npz), BN in inference mode, and prints a table. The
+report, with every number, the protocol, the checkpoint's step and its epoch
+(ceil(step / steps per epoch)), goes to DIR/eval.json for the newest checkpoint and to
+DIR/eval_step{STEP}.json for an older one (experiments.summarize reads both). Suite entries:
+"autoattack" (APGD-CE, APGD-T, FAB-T, Square as a worst case) or any single attack of
 apart_jax.attacks.suite.make_attack ("fgsm", "pgd20", "cw", "apgd-ce", "apgd-dlr", "apgd-t",
 "fab-t", "square"), each run on every point.
+
+The flags are defined by :func:`define_flags`, called when the module runs as a program, so
+that tests can import the helpers next to other entry points' flags.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -24,22 +32,28 @@ import numpy as np
 from absl import app, flags
 
 from apart_jax.attacks.suite import AUTOATTACK, make_attack, measure_passes, run_suite
+from apart_jax.checkpoint import RunCheckpoints, checkpoint_dir
 from apart_jax.config import ConfigError
 from apart_jax.data import DatasetError, load_npz
-from apart_jax.train import restore_latest, setup_run
+from apart_jax.train import restore_checkpoint, setup_run
 from experiments.cli import quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
-flags.DEFINE_list("suite", ["pgd20", "cw", "autoattack"], "Attacks or 'autoattack', in order.")
-flags.DEFINE_integer("num_points", 0, "Test points to evaluate, the first ones (0 = all).")
-flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts.")
-flags.DEFINE_integer("batch_size", 500, "Points per compiled batch.")
-flags.DEFINE_string("npz", "", "Evaluate on x_test, y_test of this npz instead.")
-flags.DEFINE_float("eps", None, "Attack radius (default: the run's eval_eps).")
-flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
-flags.DEFINE_bool("count_passes", True, "Count each attack's forward/backward passes.")
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags() -> None:
+    """Defines this program's flags (once, before ``app.run``)."""
+    flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+    flags.DEFINE_list("suite", ["pgd20", "cw", "autoattack"], "Attacks or 'autoattack', in order.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
+    flags.DEFINE_integer("num_points", 0, "Test points to evaluate, the first ones (0 = all).")
+    flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts.")
+    flags.DEFINE_integer("batch_size", 500, "Points per compiled batch.")
+    flags.DEFINE_string("npz", "", "Evaluate on x_test, y_test of this npz instead.")
+    flags.DEFINE_float("eps", None, "Attack radius (default: the run's eval_eps).")
+    flags.DEFINE_enum("norm", "linf", ["linf", "l2"], "Threat model.")
+    flags.DEFINE_bool("count_passes", True, "Count each attack's forward/backward passes.")
+    flags.mark_flags_as_required(["workdir"])
 
 
 def protocol_of(attack) -> dict:
@@ -51,23 +65,67 @@ def protocol_of(attack) -> dict:
     }
 
 
-def load_run(workdir: str):
-    """The run's config, its state restored from the latest checkpoint, and its dataset."""
+def saved_steps(workdir: str) -> list[int]:
+    """The steps of ``workdir``'s complete checkpoints, oldest first (empty if none)."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return []
+    with RunCheckpoints(workdir) as checkpoints:
+        return checkpoints.steps()
+
+
+def resolve_step(available: Sequence[int], requested: int | None, where: str = "") -> int:
+    """The checkpoint step to evaluate: ``requested``, or the newest of ``available``.
+
+    Raises:
+      ConfigError: nothing is saved, or ``requested`` is not among ``available`` (the message,
+        one line, lists the saved steps).
+    """
+    where = where or "the run"
+    if not available:
+        raise ConfigError(f"no checkpoint in {where}: train with --config.checkpoint=True first")
+    steps = sorted(available)
+    if requested is None:
+        return steps[-1]
+    if requested not in steps:
+        raise ConfigError(
+            f"--step={requested}: no checkpoint at that step in {where}; "
+            f"saved steps: {', '.join(map(str, steps))}"
+        )
+    return requested
+
+
+def epoch_of(step: int, steps_per_epoch: int) -> int:
+    """The epoch a checkpoint step falls in: ceil(step / steps_per_epoch) (1 = the first)."""
+    return math.ceil(step / steps_per_epoch)
+
+
+def report_path(workdir: str, step: int, newest: int) -> str:
+    """Where the report of checkpoint ``step`` goes: DIR/eval.json for the newest checkpoint,
+    DIR/eval_step{STEP}.json for an older one."""
+    name = "eval.json" if step == newest else f"eval_step{step}.json"
+    return os.path.join(workdir, name)
+
+
+def load_run(workdir: str, step: int | None = None):
+    """The run's config, its state restored from checkpoint ``step`` (default: the newest),
+    its dataset, the restored step and the newest saved step."""
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{path} not found: --workdir must be a directory written by training")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    steps = saved_steps(workdir)
+    step = resolve_step(steps, step, checkpoint_dir(workdir))
     run = setup_run(config)
     try:
-        state = restore_latest(workdir, run)
+        state = restore_checkpoint(workdir, run, step)
     except FileNotFoundError as error:
         raise ConfigError(f"{error}: train with --config.checkpoint=True first") from None
-    return config, run, state
+    return config, run, state, step, steps[-1]
 
 
 def evaluate_workdir() -> dict:
-    config, run, state = load_run(FLAGS.workdir)
+    config, run, state, step, newest = load_run(FLAGS.workdir, FLAGS.step)
     x, y = run.dataset.x_test, run.dataset.y_test
     if FLAGS.npz:
         data = load_npz(FLAGS.npz)
@@ -90,6 +148,9 @@ def evaluate_workdir() -> dict:
     report = {
         "workdir": os.path.abspath(FLAGS.workdir),
         "checkpoint_step": int(state.step),
+        "epoch": epoch_of(step, run.steps_per_epoch),
+        "steps_per_epoch": run.steps_per_epoch,
+        "newest_checkpoint_step": newest,
         "method": config.method,
         "dataset": FLAGS.npz or config.dataset,
         "num_points": len(y),
@@ -136,7 +197,8 @@ def evaluate_workdir() -> dict:
 def format_report(report: dict) -> str:
     """A table: one row per attack (per stage for suites), robust accuracy, passes, time."""
     lines = [
-        f"{report['method']} at step {report['checkpoint_step']}, {report['num_points']} points, "
+        f"{report['method']} at step {report['checkpoint_step']} (epoch {report['epoch']}), "
+        f"{report['num_points']} points, "
         f"{report['norm']} eps {report['eps']:.5f} ({report['eps'] * 255:.1f}/255), BN inference",
         f"clean accuracy {report['clean_accuracy']:.2%}",
         "",
@@ -158,7 +220,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_logging()
     report = run_or_exit(evaluate_workdir)
-    path = os.path.join(FLAGS.workdir, "eval.json")
+    path = report_path(FLAGS.workdir, report["checkpoint_step"], report["newest_checkpoint_step"])
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     print(format_report(report))
@@ -166,4 +228,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

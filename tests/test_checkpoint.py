@@ -19,7 +19,7 @@ from apart_jax.config import ConfigError
 from apart_jax.logbook import read_rows
 from apart_jax.runguard import workdir_lock
 from apart_jax.summary import read_scalars
-from apart_jax.train import restore_latest, setup_run, train_and_evaluate
+from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
 
 # 200 examples in batches of 64: steps of 64, 64, 64 and 8, so 4 steps per epoch.
 RESUMABLE = dict(
@@ -57,8 +57,8 @@ def assert_same_run(a, b, config):
     """Bit-identical final states and metrics rows (timings aside)."""
     run = setup_run(config)
     for x, y in zip(
-        host_leaves(restore_latest(str(a), run)),
-        host_leaves(restore_latest(str(b), run)),
+        host_leaves(restore_checkpoint(str(a), run)),
+        host_leaves(restore_checkpoint(str(b), run)),
         strict=True,
     ):
         np.testing.assert_array_equal(x, y)

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, module_env, tiny_config
 
 from apart_jax.logbook import read_rows
-from apart_jax.train import restore_latest, setup_run, train_and_evaluate
+from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
 
 COMPARED = ("train_loss", "train_acc", "clean_acc", "pgd20_acc")
 
@@ -23,7 +23,7 @@ import json, sys
 sys.path.insert(0, "tests")
 import jax
 from conftest import tiny_config
-from apart_jax.train import restore_latest, setup_run, train_and_evaluate
+from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
 assert jax.device_count() == 4
 config = tiny_config(**json.loads(sys.argv[1]))
 print(json.dumps(train_and_evaluate(config, sys.argv[2]).last))
@@ -61,7 +61,7 @@ def test_four_devices_give_the_metrics_of_one(tmp_path, method):
         np.testing.assert_allclose(four["psi"]["alpha"], one["psi"]["alpha"], rtol=1e-5)
         # The 4-device checkpoint (Omega padded to 304 rows) restores on 1 device.
         run = setup_run(tiny_config(**overrides))
-        mine, theirs = (restore_latest(str(tmp_path / d), run) for d in ("one", "four"))
+        mine, theirs = (restore_checkpoint(str(tmp_path / d), run) for d in ("one", "four"))
         assert theirs.omega.shape == mine.omega.shape == (302, 10, 10, 1)
         np.testing.assert_allclose(theirs.omega, mine.omega, atol=1e-5)
         for a, b in zip(jax.tree.leaves(theirs.params), jax.tree.leaves(mine.params), strict=True):

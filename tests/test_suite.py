@@ -10,7 +10,7 @@ import pytest
 from conftest import run_module, tiny_config
 
 from apart_jax.attacks.suite import AUTOATTACK, make_attack, measure_passes, run_suite
-from apart_jax.train import restore_latest, setup_run, train_and_evaluate
+from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
 
 EPS = 24 / 255
 POINTS = 96
@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
     )
     train_and_evaluate(config, str(workdir))
     run = setup_run(config)
-    state = restore_latest(str(workdir), run)
+    state = restore_checkpoint(str(workdir), run)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
 
     def apply_fn(v, x):

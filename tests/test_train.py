@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, run_module, tiny_config
 
 from apart_jax.config import ConfigError
-from apart_jax.train import restore_latest, setup_run, train_and_evaluate
+from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
 
 REQUIRED_FIELDS = {
     "epoch",
@@ -58,7 +58,7 @@ def test_apart_run_writes_metrics_and_a_restorable_checkpoint(digits, tmp_path):
 
     run = setup_run(config)
     template = run.state
-    restored = restore_latest(str(tmp_path), run)
+    restored = restore_checkpoint(str(tmp_path), run)
     assert int(restored.step) == 12
     assert restored.omega.shape == (256, 10, 10, 1)
     np.testing.assert_allclose(restored.psi["alpha"], rows[-1]["psi"]["alpha"])
@@ -165,7 +165,7 @@ def test_a_bfloat16_run_keeps_float32_state_and_stays_close_to_float32(tmp_path)
     for dtype in ("float32", "bfloat16"):
         config = tiny_config(**base, dtype=dtype, omega_dtype=dtype, checkpoint=True)
         last = train_and_evaluate(config, str(tmp_path / dtype)).last
-        runs[dtype] = last, restore_latest(str(tmp_path / dtype), setup_run(config))
+        runs[dtype] = last, restore_checkpoint(str(tmp_path / dtype), setup_run(config))
     (f32, _), (bf16, state) = runs["float32"], runs["bfloat16"]
     assert state.omega.dtype == jnp.bfloat16  # stored in bfloat16: half the memory
     rest = jax.tree.leaves(state.replace(omega=None, rng=None, step=None))

@@ -1,0 +1,504 @@
+"""Collect training runs into one markdown table: cost, best and last epoch, attack results.
+
+    python -m experiments.summarize --workdir=DIR [--workdir=DIR2 ...] [--out=table.md] \
+        [--csv=table.csv] [--title=...]
+
+One row per run, in the order given: its label (the directory's basename; where two
+basenames coincide, the method and training eps, e.g. "apart 8/255", else the path), the
+method, the training eps, forward+backward passes per training step, the epochs trained
+(``12/15`` for an unfinished run), the training time (the last row's ``train_seconds``), and
+for the best and for the last evaluated epoch:
+
+* clean and PGD-20 accuracy from DIR/metrics.jsonl (written by experiments.train);
+* C&W and AutoAttack ("AA") accuracy and the clean accuracy on the points they ran on, from
+  the experiments.evaluate report of that epoch's checkpoint step: DIR/eval_step{STEP}.json,
+  or DIR/eval.json when its ``checkpoint_step`` is that step; "-" when there is none.
+
+The best epoch is the one of highest PGD-20 accuracy; ties go to the higher clean accuracy,
+then to the later epoch (the longer-trained model, the one a newest-checkpoint evaluation
+covers). A protocol line under the table says, from the files, on how many test points and
+at which eps the numbers were measured. The table is printed and, with --out, written to a
+file; --csv writes the same rows with raw numbers (accuracies as fractions in [0, 1],
+seconds; empty cells where not evaluated). Every missing evaluation is listed with the
+experiments.evaluate command that fills it.
+
+A missing directory, one without config.json, a missing, empty or malformed metrics.jsonl or
+a malformed eval json exits with one line on stderr and status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+from apart_jax.config import ConfigError
+from apart_jax.logbook import METRICS_FILE
+from apart_jax.methods import create_method
+from experiments.cli import quiet_logging, run_or_exit
+
+FLAGS = flags.FLAGS
+
+CONFIG_FILE = "config.json"
+EVAL_FILE = "eval.json"
+ATTACKS = (("cw", "C&W"), ("autoattack", "AA"))  # eval json entry, column name
+EPOCH_KINDS = ("best", "last")
+MISSING = "-"
+NORMS = {"linf": "L-inf", "l2": "L2"}
+
+
+def define_flags() -> None:
+    """Defines this program's flags (once, before ``app.run``)."""
+    flags.DEFINE_multi_string("workdir", None, "A training run's directory; repeat, in order.")
+    flags.DEFINE_string("out", None, "Markdown file to write the table to (it is printed too).")
+    flags.DEFINE_string("csv", None, "CSV file to write the same rows to, raw numbers.")
+    flags.DEFINE_string("title", "", "A heading above the table (none if empty).")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def eval_step_file(step: int) -> str:
+    """The name experiments.evaluate gives the report of a checkpoint older than the newest."""
+    return f"eval_step{step}.json"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error.msg})") from None
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, each checked for an int epoch and step and numeric
+    clean and PGD-20 accuracy.
+
+    Raises:
+      ConfigError: the file is missing, empty or has a malformed line (named).
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found: no epoch has been evaluated (train first)")
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for key, check in (
+                ("epoch", _is_int),
+                ("step", _is_int),
+                ("clean_acc", _is_number),
+                ("pgd20_acc", _is_number),
+            ):
+                if not check(row.get(key)):
+                    raise ConfigError(f"{where}: {key} missing or not a number: {row.get(key)!r}")
+            rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path} is empty: no epoch has been evaluated yet")
+    return rows
+
+
+def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The row of highest PGD-20 accuracy; ties: higher clean accuracy, then later epoch."""
+    return max(rows, key=lambda r: (r["pgd20_acc"], r["clean_acc"], r["epoch"]))
+
+
+def read_attack_report(path: str) -> dict[str, Any]:
+    """The numbers of an experiments.evaluate report that the table uses.
+
+    Returns:
+      ``{"file", "checkpoint_step", "num_points", "eps", "norm", "clean_accuracy", "cw",
+      "autoattack"}``; an attack that was not in the report's suite is None.
+
+    Raises:
+      ConfigError: the file is not an experiments.evaluate report.
+    """
+    report = _read_json(path)
+    if not isinstance(report, dict) or not _is_int(report.get("checkpoint_step")):
+        raise ConfigError(f"{path}: not an experiments.evaluate report (no checkpoint_step)")
+    results = report.get("results")
+    if not isinstance(results, dict):
+        raise ConfigError(f"{path}: not an experiments.evaluate report (no results)")
+    attacks = {}
+    for entry, _ in ATTACKS:
+        result = results.get(entry)
+        value = result.get("robust_accuracy") if isinstance(result, dict) else None
+        if value is not None and not _is_number(value):
+            raise ConfigError(f"{path}: results.{entry}.robust_accuracy is not a number")
+        attacks[entry] = value
+    return {
+        "file": os.path.basename(path),
+        "checkpoint_step": report["checkpoint_step"],
+        "num_points": report.get("num_points"),
+        "eps": report.get("eps"),
+        "norm": report.get("norm", "linf"),
+        "clean_accuracy": report.get("clean_accuracy"),
+        **attacks,
+    }
+
+
+def find_attack_report(workdir: str, step: int) -> dict[str, Any] | None:
+    """The report of checkpoint ``step``: eval_step{STEP}.json, else eval.json when its
+    checkpoint_step is ``step``; None when neither is."""
+    for name in (eval_step_file(step), EVAL_FILE):
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path):
+            report = read_attack_report(path)
+            if report["checkpoint_step"] == step:
+                return report
+    return None
+
+
+def _epoch_summary(workdir: str, row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "epoch": row["epoch"],
+        "step": row["step"],
+        "clean_acc": row["clean_acc"],
+        "pgd20_acc": row["pgd20_acc"],
+        "eval_examples": row.get("eval_examples"),
+        "attacks": find_attack_report(workdir, row["step"]),
+    }
+
+
+def load_run_summary(workdir: str) -> dict[str, Any]:
+    """What the table shows of one run directory (written by experiments.train).
+
+    Returns:
+      ``{"workdir", "label", "method", "method_label", "eps", "eval_eps",
+      "eval_pgd_steps", "eval_pgd_step_size", "passes_per_step", "epochs",
+      "epochs_planned", "train_seconds", "best", "last"}``; ``best`` and ``last`` are
+      ``{"epoch", "step", "clean_acc", "pgd20_acc", "eval_examples", "attacks"}`` with
+      ``attacks`` as :func:`read_attack_report` returns, or None when not evaluated.
+      ``label`` is the directory's basename.
+
+    Raises:
+      ConfigError: ``workdir`` is not a directory, has no config.json, or its metrics.jsonl
+        or an eval json is missing, empty or malformed (one line).
+    """
+    if not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir}: no such directory")
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{workdir} is not a training run: no {CONFIG_FILE}")
+    config = _read_json(config_path)
+    if not isinstance(config, dict) or not isinstance(config.get("method"), str):
+        raise ConfigError(f"{config_path}: no method; not a config written by experiments.train")
+    try:
+        method = create_method(
+            config["method"],
+            eps=config.get("eps", 8 / 255),
+            fgsm_rs_step_scale=config.get("fgsm_rs_step_scale", 1.25),
+            pgd_steps=config.get("pgd_steps", 10),
+            pgd_step_size=config.get("pgd_step_size", 2 / 255),
+        )
+    except ValueError as error:
+        raise ConfigError(f"{config_path}: {error}") from None
+    rows = read_metrics(os.path.join(workdir, METRICS_FILE))
+    last = rows[-1]
+    return {
+        "workdir": workdir,
+        "label": os.path.basename(os.path.abspath(workdir)),
+        "method": config["method"],
+        "method_label": method.label,
+        "eps": config.get("eps"),
+        "eval_eps": config.get("eval_eps"),
+        "eval_pgd_steps": config.get("eval_pgd_steps"),
+        "eval_pgd_step_size": config.get("eval_pgd_step_size"),
+        "passes_per_step": method.passes_per_step,
+        "epochs": last["epoch"],
+        "epochs_planned": config.get("epochs"),
+        "train_seconds": last.get("train_seconds"),
+        "best": _epoch_summary(workdir, best_row(rows)),
+        "last": _epoch_summary(workdir, last),
+    }
+
+
+def format_eps(eps: float | None) -> str:
+    """An eps in [0, 1] as "8/255" (two decimals at most: "0.5/255")."""
+    if eps is None:
+        return MISSING
+    return f"{round(eps * 255, 2):g}/255"
+
+
+def format_duration(seconds: float | None) -> str:
+    """ "42 s" under a minute, "6.5 min" under an hour, "2.1 h" beyond."""
+    if seconds is None:
+        return MISSING
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_accuracy(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.2%}"
+
+
+def unique_labels(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """Each run's ``label``; where labels coincide, "method eps" (e.g. "apart 8/255"), and
+    where those coincide too, the workdir as given.
+
+    Raises:
+      ConfigError: the same run directory is given twice.
+    """
+    labels = [s["label"] for s in summaries]
+    if len(set(labels)) < len(labels):
+        labels = [f"{s['method']} {format_eps(s['eps'])}" for s in summaries]
+    if len(set(labels)) < len(labels):
+        labels = [os.path.normpath(s["workdir"]) for s in summaries]
+    for i, label in enumerate(labels):
+        if label in labels[:i]:
+            raise ConfigError(f"--workdir {summaries[i]['workdir']} is given twice")
+    return labels
+
+
+def _epochs_cell(summary: dict[str, Any]) -> str:
+    planned = summary["epochs_planned"]
+    if planned is None or summary["epochs"] >= planned:
+        return str(summary["epochs"])
+    return f"{summary['epochs']}/{planned}"
+
+
+def table_columns() -> list[str]:
+    """The markdown table's header cells."""
+    columns = ["run", "method", "train eps", "passes/step", "epochs", "train time"]
+    for kind in EPOCH_KINDS:
+        columns += [f"{kind} epoch", f"{kind} clean", f"{kind} PGD-20"]
+        columns += [f"{kind} {name}" for _, name in ATTACKS]
+        columns.append(f"{kind} clean (attack pts)")
+    return columns
+
+
+def table_row(summary: dict[str, Any]) -> list[str]:
+    """One run's markdown cells, in :func:`table_columns` order."""
+    cells = [
+        summary["label"],
+        summary["method_label"],
+        MISSING if summary["method"] == "clean" else format_eps(summary["eps"]),
+        str(summary["passes_per_step"]),
+        _epochs_cell(summary),
+        format_duration(summary["train_seconds"]),
+    ]
+    for kind in EPOCH_KINDS:
+        epoch = summary[kind]
+        attacks = epoch["attacks"] or {}
+        cells += [
+            str(epoch["epoch"]),
+            format_accuracy(epoch["clean_acc"]),
+            format_accuracy(epoch["pgd20_acc"]),
+        ]
+        cells += [format_accuracy(attacks.get(entry)) for entry, _ in ATTACKS]
+        cells.append(format_accuracy(attacks.get("clean_accuracy")))
+    return cells
+
+
+def _agreeing(pairs: Sequence[tuple[str, str]]) -> str:
+    """The text all runs share, or "A (run1, run2), B (run3)" where they differ."""
+    groups: dict[str, list[str]] = {}
+    for label, text in pairs:
+        groups.setdefault(text, []).append(label)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return ", ".join(f"{text} ({', '.join(labels)})" for text, labels in groups.items())
+
+
+def protocol_line(summaries: Sequence[dict[str, Any]]) -> str:
+    """What the numbers were measured on, from the runs' configs, metrics and eval jsons."""
+    examples = _agreeing([(s["label"], str(s["last"]["eval_examples"] or "?")) for s in summaries])
+    pgd = _agreeing(
+        [
+            (
+                s["label"],
+                f"{s['eval_pgd_steps']} steps of {format_eps(s['eval_pgd_step_size'])} "
+                f"at L-inf eps {format_eps(s['eval_eps'])}",
+            )
+            for s in summaries
+        ]
+    )
+    text = (
+        f"Protocol: clean and PGD-20 accuracy from metrics.jsonl on {examples} test examples, "
+        f"PGD {pgd}"
+    )
+    reports = [
+        (s["label"], s[kind]["attacks"])
+        for s in summaries
+        for kind in EPOCH_KINDS
+        if s[kind]["attacks"] is not None
+    ]
+    names = " and ".join(name for _, name in ATTACKS)
+    if reports:
+        points = _agreeing([(label, str(r["num_points"])) for label, r in reports])
+        eps = _agreeing(
+            [
+                (label, f"{NORMS.get(r['norm'], r['norm'])} eps {format_eps(r['eps'])}")
+                for label, r in reports
+            ]
+        )
+        text += (
+            f"; {names} (AutoAttack) by experiments.evaluate on the first {points} test points "
+            f"at {eps}, with the clean accuracy on those points"
+        )
+    else:
+        text += f"; {names} not evaluated"
+    return (
+        text + f'; BN in inference mode; "{MISSING}" = not evaluated; best = the epoch of highest '
+        "PGD-20 accuracy (ties: higher clean accuracy, then the later epoch)."
+    )
+
+
+def format_table(summaries: Sequence[dict[str, Any]], title: str = "") -> str:
+    """A markdown table of :func:`load_run_summary` results (one row each, in order), the
+    protocol line under it and, if ``title``, a heading above it."""
+    if not summaries:
+        raise ConfigError("no run to summarize")
+    columns = table_columns()
+    rows = [table_row(s) for s in summaries]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    lines = [f"## {title}", ""] if title else []
+    lines += [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += [line(r) for r in rows]
+    lines += ["", protocol_line(summaries)]
+    return "\n".join(lines) + "\n"
+
+
+CSV_COLUMNS = [
+    "run",
+    "method",
+    "train_eps",
+    "passes_per_step",
+    "epochs",
+    "epochs_planned",
+    "train_seconds",
+] + [
+    f"{kind}_{key}"
+    for kind in EPOCH_KINDS
+    for key in (
+        "epoch",
+        "step",
+        "clean",
+        "pgd20",
+        "eval_examples",
+        "cw",
+        "autoattack",
+        "attack_clean",
+        "attack_points",
+        "attack_file",
+    )
+]
+
+
+def csv_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """One run's raw numbers, keyed by :data:`CSV_COLUMNS` (None where not evaluated)."""
+    row = {
+        "run": summary["label"],
+        "method": summary["method"],
+        "train_eps": summary["eps"],
+        "passes_per_step": summary["passes_per_step"],
+        "epochs": summary["epochs"],
+        "epochs_planned": summary["epochs_planned"],
+        "train_seconds": summary["train_seconds"],
+    }
+    for kind in EPOCH_KINDS:
+        epoch = summary[kind]
+        attacks = epoch["attacks"] or {}
+        row.update(
+            {
+                f"{kind}_epoch": epoch["epoch"],
+                f"{kind}_step": epoch["step"],
+                f"{kind}_clean": epoch["clean_acc"],
+                f"{kind}_pgd20": epoch["pgd20_acc"],
+                f"{kind}_eval_examples": epoch["eval_examples"],
+                f"{kind}_cw": attacks.get("cw"),
+                f"{kind}_autoattack": attacks.get("autoattack"),
+                f"{kind}_attack_clean": attacks.get("clean_accuracy"),
+                f"{kind}_attack_points": attacks.get("num_points"),
+                f"{kind}_attack_file": attacks.get("file"),
+            }
+        )
+    return row
+
+
+def write_csv(summaries: Sequence[dict[str, Any]], path: str) -> None:
+    """The table's rows as CSV, raw numbers; empty cells where not evaluated."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_row(s) for s in summaries)
+
+
+def missing_evaluations(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """An experiments.evaluate command for each best or last epoch without a report."""
+    points = {
+        s[kind]["attacks"]["num_points"]
+        for s in summaries
+        for kind in EPOCH_KINDS
+        if s[kind]["attacks"] is not None
+    }
+    num_points = f" --num_points={points.pop()}" if len(points) == 1 else ""
+    commands = []
+    for s in summaries:
+        steps = dict.fromkeys(s[kind]["step"] for kind in EPOCH_KINDS if not s[kind]["attacks"])
+        commands += [
+            f"python -m experiments.evaluate --workdir={s['workdir']} --step={step}"
+            f" --suite=cw,autoattack{num_points}"
+            for step in steps
+        ]
+    return commands
+
+
+def summarize_workdirs() -> str:
+    """Loads every --workdir, writes --out and --csv and returns the markdown."""
+    summaries = [load_run_summary(w) for w in FLAGS.workdir]
+    for summary, label in zip(summaries, unique_labels(summaries), strict=True):
+        summary["label"] = label
+    text = format_table(summaries, FLAGS.title)
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            f.write(text)
+    if FLAGS.csv:
+        write_csv(summaries, FLAGS.csv)
+    commands = missing_evaluations(summaries)
+    if commands:
+        text += "\nNot evaluated under C&W and AutoAttack yet; to fill in:\n"
+        text += "".join(f"  {c}\n" for c in commands)
+    for path in (FLAGS.out, FLAGS.csv):
+        if path:
+            text += f"\nwritten: {path}"
+    return text
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_logging()
+    print(run_or_exit(summarize_workdirs))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
