@@ -34,6 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset = "digits"
     c.npz_path = ""
     c.data_dir = ""  # TFDS data directory (local path or gs:// bucket); "" = TFDS's default
+    c.num_classes = placeholder(
+        int
+    )  # npz only: labels must lie in [0, num_classes); None = max + 1
     c.train_size = 0
     c.test_size = 0
     c.pad = placeholder(int)
@@ -85,6 +88,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Execution.
     c.unroll = placeholder(bool)  # attack loops unrolled; None = backend default
     c.log_every = 50
+    # A step with a non-finite loss, weights, psi or BN statistics stops the run with an
+    # error naming it (checked every log_every steps and before every checkpoint); True
+    # discards such steps instead and logs their count as skipped_steps.
+    c.skip_nonfinite = False
     c.progress = True
     c.tensorboard = True  # also write WORKDIR/events.out.tfevents.* (no TensorFlow needed)
 
@@ -104,6 +111,7 @@ EXECUTION_KEYS = frozenset(
         "data_dir",
         "unroll",
         "log_every",
+        "skip_nonfinite",
         "progress",
         "tensorboard",
         "checkpoint",
@@ -123,8 +131,10 @@ def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str
     """The keys, other than :data:`EXECUTION_KEYS`, whose values differ from a saved config.
 
     Returns ``["method: 'fgsm' (saved) != 'apart'", ...]``, empty when the run may resume.
+    A key missing from ``saved`` (a checkpoint older than the key) counts as its default.
     """
-    current = config_as_json(config)
+    current, defaults = config_as_json(config), config_as_json(default_config())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     return [
         f"{key}: {saved.get(key)!r} (saved) != {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))
@@ -186,6 +196,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _require(
         isinstance(c.checkpoint_keep, int) and c.checkpoint_keep >= 1,
         f"checkpoint_keep={c.checkpoint_keep} must be a positive int",
+    )
+    known = DATASETS[c.dataset].num_classes
+    _require(
+        c.num_classes is None or (c.num_classes >= 2 and known in (None, c.num_classes)),
+        f"num_classes={c.num_classes}: "
+        + (f"{c.dataset} has {known} classes" if known else "must be at least 2"),
     )
     _require(c.pad is None or c.pad >= 0, f"pad={c.pad} must be >= 0")
     _require(

@@ -329,12 +329,14 @@ def load_dataset(
     train_size: int = 0,
     test_size: int = 0,
     progress: bool = True,
+    num_classes: int | None = None,
 ) -> Dataset:
     """Loads a dataset by name, keeping its first ``train_size`` / ``test_size`` examples.
 
-    A size of 0 keeps the whole split. TFDS datasets are read from ``data_dir`` (see
-    :func:`load_tfds`; "" or None is TFDS's default) with a progress bar unless ``progress``
-    is False.
+    A size of 0 keeps the whole split. ``num_classes`` is the label count of an ``npz``
+    (None: its largest label + 1); the other datasets know theirs. TFDS datasets are read
+    from ``data_dir`` (see :func:`load_tfds`; "" or None is TFDS's default) with a progress
+    bar unless ``progress`` is False.
 
     Raises:
       DatasetError: for an unknown name, a missing file or unprepared dataset, malformed
@@ -344,7 +346,7 @@ def load_dataset(
     if name == "digits":
         data = load_digits()
     elif name == "npz":
-        data = load_npz(npz_path)
+        data = load_npz(npz_path, num_classes)
     elif info is not None and info.tfds_name is not None:
         return load_tfds(
             name, data_dir or None, progress=progress, train_size=train_size, test_size=test_size

@@ -79,11 +79,19 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     """Holds the exclusive lock of ``workdir`` (created if missing) for the ``with`` body.
 
     Raises:
-      ConfigError: if another process holds it, in one line.
+      ConfigError: if another process holds it, or ``workdir`` cannot be created or written
+        (a path through a file, no permission, a read-only file system), in one line.
     """
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
-    with open(path, "a+") as lock:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        lock = open(path, "a+")  # noqa: SIM115 - closed by the with block below
+    except OSError as error:
+        raise ConfigError(
+            f"workdir {workdir} is not writable ({error.strerror or error}): choose another "
+            "--workdir"
+        ) from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -121,18 +122,51 @@ def state_shardings(mesh: Mesh, uses_omega: bool) -> TrainState:
     return TrainState(**{**fields, "omega": batch_sharded(mesh) if uses_omega else None})
 
 
+def nonfinite_code(loss: jax.Array, state: TrainState) -> jax.Array:
+    """0 if the step's loss and the new state are finite, else 1 + the index in
+    :data:`NONFINITE_QUANTITIES` of the first quantity that is not (int32 scalar).
+
+    Omega is not scanned (a pass over all of it per step would cost more than the check is
+    worth); a non-finite Omega row makes the loss of the next step that reads it non-finite.
+    """
+    checks = [jnp.isfinite(loss)] + [
+        jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+        if jax.tree.leaves(tree)
+        else jnp.bool_(True)
+        for tree in (state.params, state.psi, state.batch_stats)
+    ]
+    failed = ~jnp.stack(checks)
+    return jnp.where(jnp.any(failed), jnp.argmax(failed) + 1, 0).astype(jnp.int32)
+
+
 def make_train_step(
-    method: Method, ctx: StepContext, augment: AugmentSpec, mesh: Mesh
+    method: Method,
+    ctx: StepContext,
+    augment: AugmentSpec,
+    mesh: Mesh,
+    *,
+    skip_nonfinite: bool = False,
 ) -> TrainStep:
     """Builds the data-parallel training step of ``method`` over ``mesh``.
 
-    The state keeps its shardings (:func:`state_shardings`); the metrics are replicated.
+    The state keeps its shardings (:func:`state_shardings`); the metrics are replicated and
+    include ``nonfinite`` (:func:`nonfinite_code`). With ``skip_nonfinite`` a step whose
+    code is not 0 is discarded: the state only counts the step, and its loss and accuracy
+    are reported as 0.
     """
 
     def on_batch(state: TrainState, data: DeviceData, batch: Batch):
         x, y = shard_batch(gather_batch(data, batch, augment), mesh)
         key = jax.random.fold_in(step_key(state), 1)
-        return method.step(ctx, state, StepInputs(x, y, batch.indices, batch.aug, key))
+        inputs = StepInputs(x, y, batch.indices, batch.aug, key)
+        new_state, metrics = method.step(ctx, state, inputs)
+        code = nonfinite_code(metrics["loss"], new_state)
+        if skip_nonfinite:
+            new_state = jax.lax.cond(
+                code > 0, lambda: state.replace(step=state.step + 1), lambda: new_state
+            )
+            metrics = {k: jnp.where(code > 0, jnp.zeros_like(v), v) for k, v in metrics.items()}
+        return new_state, {**metrics, "nonfinite": code}
 
     def in_epoch(state: TrainState, data: DeviceData, order, start, batch_size: int):
         return on_batch(state, data, draw_batch(state, order, start, batch_size, augment))
@@ -352,6 +386,7 @@ def setup_run(
             train_size=config.train_size,
             test_size=config.test_size,
             progress=config.progress and jax.process_index() == 0,
+            num_classes=config.num_classes,
         )
     info = DATASETS[config.dataset]
     augment = AugmentSpec(
@@ -411,7 +446,9 @@ def setup_run(
         batch_sizes=batch_sizes,
         state=state,
         data=to_device(dataset.x_train, dataset.y_train, everywhere),
-        train_step=make_train_step(method, ctx, augment, mesh),
+        train_step=make_train_step(
+            method, ctx, augment, mesh, skip_nonfinite=config.skip_nonfinite
+        ),
     )
 
 
@@ -441,6 +478,62 @@ class EpochTotals(NamedTuple):
 
     loss_sum: jax.Array
     correct_sum: jax.Array
+
+
+NONFINITE_QUANTITIES = ("loss", "weights", "psi", "BN statistics")
+
+
+class StepHealth(NamedTuple):
+    """What went non-finite since the run (re)started; int32 scalars on the device.
+
+    bad_step: the first step (1-based, as checkpoints count) whose loss or new state was
+      not finite, -1 if none; bad_code: its :func:`nonfinite_code`; skipped: steps discarded
+      under ``skip_nonfinite``. Not checkpointed: a checkpoint is never written after a
+      non-finite step unless it was skipped.
+    """
+
+    bad_step: jax.Array
+    bad_code: jax.Array
+    skipped: jax.Array
+
+
+def healthy(sharding: jax.sharding.Sharding) -> StepHealth:
+    """A :class:`StepHealth` with nothing bad yet, placed with ``sharding``."""
+    put = functools.partial(jax.device_put, device=sharding)
+    return StepHealth(put(np.int32(-1)), put(np.int32(0)), put(np.int32(0)))
+
+
+def record_health(health: StepHealth, code: jax.Array, step: jax.Array) -> StepHealth:
+    """``health`` after a step numbered ``step`` (1-based) whose non-finite code is ``code``."""
+    first = (health.bad_step < 0) & (code > 0)
+    return StepHealth(
+        jnp.where(first, step, health.bad_step),
+        jnp.where(first, code, health.bad_code),
+        health.skipped + (code > 0),
+    )
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or state; the message names the step and quantity."""
+
+
+def check_health(health: StepHealth, skip_nonfinite: bool, newest_checkpoint: str | None) -> None:
+    """Raises :class:`NonFiniteError` if a step was not finite and was not skipped."""
+    if skip_nonfinite:
+        return
+    bad_step, code = (int(v) for v in jax.device_get((health.bad_step, health.bad_code)))
+    if bad_step < 0:
+        return
+    kept = (
+        f"the newest checkpoint, {newest_checkpoint}, was saved before it"
+        if newest_checkpoint
+        else "no checkpoint was saved before it"
+    )
+    raise NonFiniteError(
+        f"non-finite {NONFINITE_QUANTITIES[code - 1]} at step {bad_step}; stopped without "
+        f"saving it ({kept}): lower lr_max, or rerun with --config.skip_nonfinite=True to "
+        "skip such batches"
+    )
 
 
 def zero_totals(mesh: Mesh) -> EpochTotals:
@@ -541,15 +634,19 @@ def train_epoch(
     order: jax.Array,
     batch_sizes: list[int],
     first: int = 0,
-    after_step: Callable[[int, TrainState, EpochTotals], None] | None = None,
-) -> tuple[TrainState, EpochTotals]:
+    after_step: Callable[[int, TrainState, EpochTotals, StepHealth], None] | None = None,
+    health: StepHealth | None = None,
+) -> tuple[TrainState, EpochTotals, StepHealth]:
     """Trains on the epoch's batches ``first``, ``first + 1``, ... in ``order``.
 
     ``steps`` maps each batch size to its compiled step (:func:`compile_epoch_steps`).
     Nothing is read back from the devices here: the steps are dispatched asynchronously and
-    ``after_step(i, state, totals)`` (progress, checkpoints) decides what to wait for.
+    ``after_step(i, state, totals, health)`` (progress, checkpoints) decides what to wait
+    for. ``health`` (default: none bad yet) accumulates non-finite steps.
     """
     starts = np.cumsum([0, *batch_sizes])
+    if health is None:
+        health = healthy(totals.loss_sum.sharding)
     for i in range(first, len(batch_sizes)):
         size = batch_sizes[i]
         state, metrics = steps[size](state, data, order, np.int32(starts[i]))
@@ -557,30 +654,58 @@ def train_epoch(
             totals.loss_sum + metrics["loss"] * size,
             totals.correct_sum + metrics["accuracy"] * size,
         )
+        health = record_health(health, metrics["nonfinite"], state.step)
         if after_step is not None:
-            after_step(i, state, totals)
-    return state, totals
+            after_step(i, state, totals, health)
+    return state, totals, health
 
 
-def find_resume_point(
-    checkpoints: RunCheckpoints | None, config: ml_collections.ConfigDict
-) -> tuple[int | None, dict[str, Any]]:
-    """The newest checkpoint step of the workdir and its meta, or (None, {}).
+def restore_resume_point(
+    checkpoints: RunCheckpoints | None, run: Run
+) -> tuple[int | None, dict[str, Any], TrainState, EpochTotals]:
+    """The newest checkpoint of the workdir that restores: ``(step, meta, state, totals)``.
+
+    A checkpoint that cannot be read (truncated or missing files, a partial write) is moved
+    to ``checkpoints.unreadable/`` with a warning and the next newest is tried; with none
+    left the run starts afresh: ``(None, {}, run.state, zero totals)``.
 
     Raises:
-      ConfigError: if the checkpoint belongs to a run with a different configuration.
+      ConfigError: if a readable checkpoint belongs to a run with a different configuration.
     """
-    step = None if checkpoints is None else checkpoints.latest_step()
-    if step is None:
-        return None, {}
-    meta = checkpoints.read_meta(step)
-    conflicts = resume_conflicts(meta["config"], config)
-    if conflicts:
-        raise ConfigError(
-            f"{checkpoints.path(step)} was written by a different run ({'; '.join(conflicts)}): "
-            "use another --workdir, or delete its checkpoints to start over"
-        )
-    return step, meta
+    for step in reversed([] if checkpoints is None else checkpoints.steps()):
+        try:
+            meta = checkpoints.read_meta(step)
+            saved_config = meta["config"]
+        except Exception as error:  # any failure to read means this checkpoint is unusable
+            _set_aside(checkpoints, step, error)
+            continue
+        conflicts = resume_conflicts(saved_config, run.config)
+        if conflicts:
+            raise ConfigError(
+                f"{checkpoints.path(step)} was written by a different run "
+                f"({'; '.join(conflicts)}): use another --workdir, or delete its checkpoints "
+                "to start over"
+            )
+        try:
+            state, totals = restore_run_state(checkpoints, step, run, meta)
+        except Exception as error:  # as above
+            _set_aside(checkpoints, step, error)
+            continue
+        return step, meta, state, totals
+    return None, {}, run.state, zero_totals(run.mesh)
+
+
+def _set_aside(checkpoints: RunCheckpoints, step: int, error: Exception) -> None:
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    path = checkpoints.path(step)
+    moved = checkpoints.set_aside(step)
+    logging.warning(
+        "checkpoint %s cannot be restored (%s: %s); moved to %s, trying the next newest",
+        path,
+        type(error).__name__,
+        reason,
+        moved,
+    )
 
 
 def train_and_evaluate(
@@ -612,23 +737,24 @@ def train_and_evaluate(
         if jax.process_index() == 0:
             stack.enter_context(workdir_lock(workdir))
         stop = stack.enter_context(StopRequest())
-        return _train_run(run, workdir, stop)
+        checkpoints = None
+        if run.config.checkpoint:
+            checkpoints = RunCheckpoints(workdir, max_to_keep=run.config.checkpoint_keep)
+            stack.enter_context(checkpoints)
+        return _train_run(run, workdir, stop, checkpoints)
 
 
-def _train_run(run: Run, workdir: str, stop: StopRequest) -> RunResult:
+def _train_run(
+    run: Run, workdir: str, stop: StopRequest, checkpoints: RunCheckpoints | None
+) -> RunResult:
     """The body of :func:`train_and_evaluate` once the run is built and the workdir locked."""
     config = run.config
     method, mesh, dataset, batch_sizes = run.method, run.mesh, run.dataset, run.batch_sizes
     data, num_train = run.data, len(run.dataset.y_train)
     lead = jax.process_index() == 0
     everywhere = replicated(mesh)
-    checkpoints = (
-        RunCheckpoints(workdir, max_to_keep=config.checkpoint_keep) if config.checkpoint else None
-    )
-    resume_step, meta = find_resume_point(checkpoints, config)
-    state, totals = run.state, zero_totals(mesh)
-    if resume_step is not None:
-        state, totals = restore_run_state(checkpoints, resume_step, run, meta)
+    resume_step, meta, state, totals = restore_resume_point(checkpoints, run)
+    health = healthy(everywhere)
     train_seconds = meta.get("train_seconds", 0.0)
 
     eval_batch_size = math.ceil(min(config.eval_batch_size, len(dataset.y_test)) / mesh.size)
@@ -659,8 +785,11 @@ def _train_run(run: Run, workdir: str, stop: StopRequest) -> RunResult:
     step = resume_step or 0
     checkpoint_path = None if resume_step is None else checkpoints.path(resume_step)
 
-    def save(step: int, state: TrainState, totals: EpochTotals, seconds: float) -> None:
+    def save(
+        step: int, state: TrainState, totals: EpochTotals, health: StepHealth, seconds: float
+    ) -> None:
         nonlocal checkpoint_path
+        check_health(health, config.skip_nonfinite, checkpoint_path)
         if checkpoints is not None and step != resume_step:
             meta = checkpoint_meta(config, run, seconds)
             checkpoint_path = checkpoints.save(step, state, totals, meta)
@@ -668,7 +797,6 @@ def _train_run(run: Run, workdir: str, stop: StopRequest) -> RunResult:
     def raise_interrupted(step: int) -> None:
         if checkpoints is not None:
             checkpoints.wait()
-            checkpoints.close()
         raise TrainingInterrupted(stop.signum, step, checkpoint_path)
 
     def due(step: int) -> bool:
@@ -676,11 +804,19 @@ def _train_run(run: Run, workdir: str, stop: StopRequest) -> RunResult:
         return step == total_steps or (every > 0 and step % every == 0)
 
     def report_step(
-        bar: tqdm, epoch: int, i: int, state: TrainState, totals: EpochTotals, *, clock_origin
+        bar: tqdm,
+        epoch: int,
+        i: int,
+        state: TrainState,
+        totals: EpochTotals,
+        health: StepHealth,
+        *,
+        clock_origin,
     ) -> None:
         """After step ``i`` of ``epoch``: the progress bar, and a checkpoint when one is due."""
         bar.update(1)
         if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
+            check_health(health, config.skip_nonfinite, checkpoint_path)
             seen = starts[i + 1]
             bar.set_postfix(
                 loss=f"{float(totals.loss_sum) / seen:.3f}",
@@ -688,7 +824,7 @@ def _train_run(run: Run, workdir: str, stop: StopRequest) -> RunResult:
             )
         step = (epoch - 1) * steps_per_epoch + i + 1
         if (due(step) or stop.signum is not None) and i + 1 < steps_per_epoch:
-            save(step, state, totals, time.perf_counter() - clock_origin)
+            save(step, state, totals, health, time.perf_counter() - clock_origin)
         if stop.signum is not None:
             raise_interrupted(step)
 
@@ -711,9 +847,10 @@ def _train_run(run: Run, workdir: str, stop: StopRequest) -> RunResult:
                 after_step = functools.partial(
                     report_step, bar, epoch, clock_origin=epoch_start - train_seconds
                 )
-                state, totals = train_epoch(
-                    compiled, state, totals, data, order, batch_sizes, first, after_step
+                state, totals, health = train_epoch(
+                    compiled, state, totals, data, order, batch_sizes, first, after_step, health
                 )
+                check_health(health, config.skip_nonfinite, checkpoint_path)
                 step = epoch * steps_per_epoch
                 jax.block_until_ready(state)
                 train_seconds += time.perf_counter() - epoch_start
@@ -733,17 +870,18 @@ def _train_run(run: Run, workdir: str, stop: StopRequest) -> RunResult:
                     }
                     if method.learns_psi:
                         row["psi"] = _host_psi(method, state.psi)
+                    if config.skip_nonfinite:
+                        row["skipped_steps"] = int(health.skipped)
                     log.write(row)
                     bar.set_postfix(
                         clean=f"{row['clean_acc']:.3f}", pgd20=f"{row['pgd20_acc']:.3f}"
                     )
                 if config.checkpoint_every == 0 or due(step) or stop.signum is not None:
-                    save(step, state, totals, train_seconds)
+                    save(step, state, totals, health, train_seconds)
                 if stop.signum is not None:
                     raise_interrupted(step)
     if checkpoints is not None:
         checkpoints.wait()
-        checkpoints.close()
     return RunResult(
         method=method.name,
         label=method.label,

@@ -23,7 +23,7 @@ from absl import app, flags
 from apart_jax.checkpoint import RunCheckpoints
 from apart_jax.config import default_config
 from apart_jax.train import checkpoint_meta, setup_run, zero_totals
-from experiments.cli import quiet_logging
+from experiments.cli import parse_flags_or_exit, quiet_logging
 from experiments.synthetic import synthetic_cifar
 
 FLAGS = flags.FLAGS
@@ -104,4 +104,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -54,7 +54,7 @@ from apart_jax.train import (
     train_epoch,
     zero_totals,
 )
-from experiments.cli import quiet_logging
+from experiments.cli import parse_flags_or_exit, quiet_logging
 from experiments.synthetic import synthetic_cifar
 
 METHODS = ("clean", "fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd10")
@@ -171,7 +171,7 @@ def time_epoch(run: Run) -> dict:
     step_times: list[float] = []
     clock = [time.perf_counter()]
 
-    def timed_step(i: int, state, totals) -> None:
+    def timed_step(i: int, state, totals, health) -> None:
         jax.block_until_ready(state)
         now = time.perf_counter()
         step_times.append(now - clock[0])
@@ -181,7 +181,7 @@ def time_epoch(run: Run) -> dict:
     for epoch, after_step in ((1, None), (2, timed_step), (3, None)):
         order = device_order(0, epoch, num_train, run.mesh)
         start = clock[0] = time.perf_counter()
-        state, totals = train_epoch(
+        state, totals, _ = train_epoch(
             steps, state, zero_totals(run.mesh), run.data, order, run.batch_sizes, 0, after_step
         )
         jax.block_until_ready((state, totals))
@@ -386,4 +386,4 @@ def print_report(summary: dict) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -20,6 +20,20 @@ def quiet_logging() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+    """Parses the command line like ``app.run`` does, but a bad flag or an unknown
+    ``--config.KEY`` ends the process with one line and status 2 instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        message = str(error)
+    except (AttributeError, KeyError) as error:  # ml_collections: the override names no key
+        key = str(error).strip("\"'")
+        message = f"--config.{key}: no such config key (apart_jax/config.py lists them all)"
+    print(f"error: {message.splitlines()[0]}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_or_exit(job: Callable[[], T]) -> T:
     """Runs ``job``; invalid configuration or data ends the process with one line and status 2."""
     try:

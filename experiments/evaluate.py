@@ -36,7 +36,7 @@ from apart_jax.checkpoint import RunCheckpoints, checkpoint_dir
 from apart_jax.config import ConfigError
 from apart_jax.data import DatasetError, load_npz
 from apart_jax.train import restore_checkpoint, setup_run
-from experiments.cli import quiet_logging, run_or_exit
+from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
 
@@ -229,4 +229,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

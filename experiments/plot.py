@@ -19,7 +19,7 @@ from absl import app, flags
 
 from apart_jax.config import ConfigError
 from apart_jax.logbook import METRICS_FILE
-from experiments.cli import quiet_logging, run_or_exit
+from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", None, "A training run's directory (metrics.jsonl); repeat.")
@@ -152,4 +152,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

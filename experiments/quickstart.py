@@ -12,7 +12,7 @@ import time
 from absl import app, flags
 
 from apart_jax.train import RunResult, train_and_evaluate
-from experiments.cli import quiet_logging, run_or_exit
+from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 from experiments.configs import digits
 
 FLAGS = flags.FLAGS
@@ -82,4 +82,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

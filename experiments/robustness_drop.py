@@ -56,7 +56,7 @@ from apart_jax.checkpoint import RunCheckpoints, checkpoint_dir
 from apart_jax.config import ConfigError
 from apart_jax.data import to_unit_range
 from apart_jax.train import Run, restore_checkpoint, setup_run
-from experiments.cli import quiet_logging, run_or_exit
+from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("fgsm", None, "FGSM training run with a checkpoint per epoch.")
@@ -433,4 +433,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -39,7 +39,7 @@ from absl import app, flags
 from apart_jax.config import ConfigError
 from apart_jax.logbook import METRICS_FILE
 from apart_jax.methods import create_method
-from experiments.cli import quiet_logging, run_or_exit
+from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
 
@@ -501,4 +501,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -4,9 +4,15 @@
         [--config.method=pgd --config.epochs=10 ...]
 
 Writes WORKDIR/config.json, WORKDIR/metrics.jsonl, TensorBoard events and checkpoints under
-WORKDIR/checkpoints. Invalid settings or data, or a workdir in use by another run, exit with
-one line on stderr and status 2. SIGTERM or Ctrl-C finishes the current step, writes a
-checkpoint and exits with 128 + the signal number and a line saying how to resume.
+WORKDIR/checkpoints. Exit status and stderr:
+* 0: trained (or already finished);
+* 1, one line: a non-finite loss or state (nothing saved after it), or a checkpoint that could
+  not be written (the newest complete one is named);
+* 2, one line: invalid settings, flags or data, an unwritable workdir, a workdir in use by
+  another run or holding another run's checkpoints; nothing is written;
+* 128 + N: stopped by signal N (SIGTERM, Ctrl-C) after finishing the step and saving a
+  checkpoint; the line says how to resume.
+Docs: docs/reliability.md.
 
 Several processes (hosts, or processes on one machine) form one run when each is started
 with the same --coordinator_address and --num_processes and its own --process_id; on a
@@ -21,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from apart_jax.parallel import initialize_distributed
-from experiments.cli import quiet_logging, run_or_exit
+from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
@@ -42,14 +48,18 @@ def main(argv: list[str]) -> None:
     # Imported after joining the runtime: nothing may touch a JAX backend before that.
     import jax
 
+    from apart_jax.checkpoint import CheckpointSaveError
     from apart_jax.runguard import TrainingInterrupted
-    from apart_jax.train import train_and_evaluate
+    from apart_jax.train import NonFiniteError, train_and_evaluate
 
     try:
         result = run_or_exit(lambda: train_and_evaluate(FLAGS.config, FLAGS.workdir))
     except TrainingInterrupted as stop:
         print(f"{stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
+    except (NonFiniteError, CheckpointSaveError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     if jax.process_index() != 0:
         return
     last = result.last
@@ -62,4 +72,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

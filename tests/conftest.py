@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import jax
+import numpy as np
 import pytest
 
 from apart_jax.config import default_config
 from apart_jax.data import load_digits
+from apart_jax.logbook import read_rows
+from apart_jax.train import restore_checkpoint, setup_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,3 +79,73 @@ def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.Comp
         text=True,
         timeout=timeout,
     )
+
+
+# 200 examples in batches of 64: steps of 64, 64, 64 and 8, so 4 steps per epoch.
+RESUMABLE = dict(
+    method="apart",
+    epochs=3,
+    train_size=200,
+    test_size=64,
+    batch_size=64,
+    checkpoint=True,
+    checkpoint_every=3,
+    checkpoint_keep=10,
+)
+
+
+def host_leaves(tree):
+    """The leaves of a state as NumPy arrays (PRNG keys as their raw key data)."""
+
+    def to_numpy(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(x)
+
+    return [to_numpy(x) for x in jax.tree.leaves(tree)]
+
+
+def without_timings(rows):
+    return [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in rows]
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def assert_same_run(a, b, config):
+    """Bit-identical final states and metrics rows (timings aside)."""
+    run = setup_run(config)
+    for x, y in zip(
+        host_leaves(restore_checkpoint(str(a), run)),
+        host_leaves(restore_checkpoint(str(b), run)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(x, y)
+    rows_a, rows_b = read_rows(str(a / "metrics.jsonl")), read_rows(str(b / "metrics.jsonl"))
+    assert without_timings(rows_a) == without_timings(rows_b)
+    return rows_a
+
+
+TRAIN_COMMAND = [
+    "-m",
+    "experiments.train",
+    "--config=experiments/configs/digits.py",
+    "--config.width=4",
+    "--config.epochs=3",
+    "--config.train_size=1000",
+    "--config.test_size=64",
+    "--config.batch_size=32",
+    "--config.checkpoint_every=2",
+    "--config.eval_every=1",
+    "--config.progress=False",
+]
+
+
+def wait_for(condition, process, seconds=300):
+    """Polls ``condition()`` every 10 ms while ``process`` runs; fails if it ends first."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

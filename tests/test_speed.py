@@ -53,7 +53,7 @@ def test_later_epochs_compile_nothing_read_nothing_back_and_donate_the_state(met
         assert sorted(steps) == [8, 64]
         first_state = run.state
         order = device_order(config.seed, 1, num_train, run.mesh)
-        state, totals = train_epoch(
+        state, totals, _ = train_epoch(
             steps, first_state, zero_totals(run.mesh), run.data, order, run.batch_sizes
         )
         jax.block_until_ready(state)
@@ -64,7 +64,7 @@ def test_later_epochs_compile_nothing_read_nothing_back_and_donate_the_state(met
         orders = [device_order(config.seed, e, num_train, run.mesh) for e in (2, 3)]
         with jax.transfer_guard_device_to_host("disallow"):
             for order in orders:
-                state, totals = train_epoch(
+                state, totals, _ = train_epoch(
                     steps, state, zero_totals(run.mesh), run.data, order, run.batch_sizes
                 )
             jax.block_until_ready(state)

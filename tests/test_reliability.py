@@ -1,0 +1,377 @@
+"""Faults a long run meets: kills at random points, corrupt checkpoints, a full disk,
+non-finite training, and bad input. docs/reliability.md records each fault and its outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import (
+    RESUMABLE,
+    ROOT,
+    TRAIN_COMMAND,
+    assert_same_run,
+    checkpoint_steps,
+    host_leaves,
+    module_env,
+    run_module,
+    tiny_config,
+    wait_for,
+    without_timings,
+)
+
+from apart_jax.logbook import read_rows
+from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
+
+TRAIN_STEPS = 96  # TRAIN_COMMAND: 3 epochs of 32 steps, a checkpoint every 2 steps
+
+
+def train_process(workdir, *overrides, driver: str | None = None) -> subprocess.Popen:
+    """The training command (or ``driver``, a ``python -c`` program wrapping it) on ``workdir``."""
+    program = ["-c", driver, *TRAIN_COMMAND[2:]] if driver else TRAIN_COMMAND
+    return subprocess.Popen(
+        [sys.executable, *program, *overrides, f"--workdir={workdir}"],
+        cwd=ROOT,
+        env=module_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(workdir, *overrides) -> subprocess.CompletedProcess:
+    """Runs the training command on ``workdir`` to its end; fails the test unless it succeeds."""
+    process = train_process(workdir, *overrides)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(process.args, 0, out, err)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted command's workdir."""
+    workdir = tmp_path_factory.mktemp("reference")
+    finish(workdir)
+    return workdir
+
+
+def command_config(**overrides):
+    """The config TRAIN_COMMAND trains, with ``overrides`` (to restore its checkpoints here)."""
+    from experiments.configs.digits import get_config
+
+    config = get_config()
+    config.update(
+        width=4, epochs=3, train_size=1000, test_size=64, batch_size=32, checkpoint_every=2
+    )
+    config.progress = False
+    config.update(overrides)
+    return config
+
+
+def assert_same_final_state(a, b):
+    run = setup_run(command_config())
+    for x, y in zip(
+        host_leaves(restore_checkpoint(str(a), run)),
+        host_leaves(restore_checkpoint(str(b), run)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(x, y)
+    rows_a, rows_b = (read_rows(str(d / "metrics.jsonl")) for d in (a, b))
+    assert len(rows_a) == 3 and without_timings(rows_a) == without_timings(rows_b)
+
+
+def newest_step(workdir) -> int:
+    checkpoints = workdir / "checkpoints"
+    return max(checkpoint_steps(workdir), default=0) if checkpoints.is_dir() else 0
+
+
+def test_kill_9_at_random_moments_then_rerun_equals_the_uninterrupted_run(reference, tmp_path):
+    """kill -9 as soon as the run passes each of four seeded random steps (with a save every 2
+    steps the kill lands in or between saves); each rerun resumes from the newest complete
+    checkpoint and the last one finishes with the reference's weights and metrics."""
+    workdir = tmp_path / "killed"
+    targets = sorted(random.Random(6).sample(range(4, TRAIN_STEPS - 8), 4))
+    progress = []
+    for target in targets:
+        process = train_process(workdir)
+        wait_for(lambda: newest_step(workdir) >= target, process)  # noqa: B023
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        progress.append(newest_step(workdir))
+    assert all(t <= p < TRAIN_STEPS for t, p in zip(targets, progress, strict=True)), progress
+    finish(workdir)
+    assert_same_final_state(workdir, reference)
+
+
+# Runs the training command with Orbax's final rename patched to kill -9 the process, so it
+# dies after writing checkpoint 10's files but before publishing them.
+KILL_DURING_SAVE = """
+import os, signal, sys
+from orbax.checkpoint._src.path import atomicity
+from absl import app
+from experiments import train
+from experiments.cli import parse_flags_or_exit
+
+publish = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self, *args, **kwargs):
+    if str(self.get_final()).endswith(os.path.join("checkpoints", "10")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await publish(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+sys.argv[0] = "train"
+app.run(train.main, flags_parser=parse_flags_or_exit)
+"""
+
+
+def test_kill_9_while_a_checkpoint_is_being_written(reference, tmp_path):
+    """The half-written checkpoint is ignored and removed; the rerun resumes from step 8."""
+    workdir = tmp_path / "killed"
+    process = train_process(workdir, driver=KILL_DURING_SAVE)
+    process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    leftovers = [d for d in os.listdir(workdir / "checkpoints") if not d.isdigit()]
+    assert checkpoint_steps(workdir) == [4, 6, 8] and leftovers, os.listdir(workdir)
+    done = finish(workdir)
+    assert "resumed from step 8" in done.stdout
+    assert_same_final_state(workdir, reference)
+
+
+# Fills the "disk" before the third save: RLIMIT_FSIZE makes every write past 20 kB fail with
+# EFBIG (File too large) inside Orbax's background writer, as a full disk fails with ENOSPC.
+FULL_DISK = """
+import resource, signal, sys
+from absl import app
+from apart_jax import checkpoint
+from experiments import train
+from experiments.cli import parse_flags_or_exit
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+save, saves = checkpoint.RunCheckpoints.save, []
+
+def save_on_a_full_disk(self, step, *args, **kwargs):
+    saves.append(step)
+    if len(saves) == 3:
+        self.wait()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+    return save(self, step, *args, **kwargs)
+
+checkpoint.RunCheckpoints.save = save_on_a_full_disk
+sys.argv[0] = "train"
+app.run(train.main, flags_parser=parse_flags_or_exit)
+"""
+
+
+def test_a_full_disk_while_saving_reports_it_and_keeps_the_previous_checkpoint(reference, tmp_path):
+    workdir = tmp_path / "full"
+    process = train_process(workdir, driver=FULL_DISK)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not write checkpoint 6 in {workdir / 'checkpoints'} (")
+    assert "File too large" in last
+    assert last.endswith(
+        f"the newest complete checkpoint: {workdir / 'checkpoints' / '4'} is intact"
+    )
+    assert checkpoint_steps(workdir) == [2, 4]
+    done = finish(workdir)  # space freed: the same command resumes
+    assert "resumed from step 4" in done.stdout
+    assert not [d for d in os.listdir(workdir / "checkpoints") if not d.isdigit()]
+    assert_same_final_state(workdir, reference)
+
+
+def truncate_arrays(step_dir):
+    """Cuts every array data file of the checkpoint's state to half its length."""
+    data = step_dir / "state" / "ocdbt.process_0" / "d"
+    for name in os.listdir(data):
+        path = data / name
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+
+def drop_totals(step_dir):
+    shutil.rmtree(step_dir / "totals")
+
+
+def garble_meta(step_dir):
+    (step_dir / "meta" / "metadata").write_text('{"config": ')
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    train_and_evaluate(tiny_config(**RESUMABLE), str(workdir))
+    return workdir
+
+
+@pytest.mark.parametrize("corrupt", [truncate_arrays, drop_totals, garble_meta])
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
+    uninterrupted, tmp_path, caplog, corrupt
+):
+    """A run stopped after checkpoint 9, whose checkpoint 9 is then damaged: the rerun warns,
+    moves 9 to checkpoints.unreadable/ (kept, not deleted), resumes from 6 and ends equal to
+    the uninterrupted run."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "12")
+    corrupt(workdir / "checkpoints" / "9")
+    with caplog.at_level(logging.WARNING):
+        result = train_and_evaluate(tiny_config(**RESUMABLE), str(workdir))
+    assert result.resumed_from == 6
+    warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"checkpoint {workdir / 'checkpoints' / '9'} cannot be restored")
+    assert warnings[0].endswith(
+        f"moved to {workdir / 'checkpoints.unreadable' / '9'}, trying the next newest"
+    )
+    assert os.listdir(workdir / "checkpoints.unreadable" / "9")
+    assert_same_run(workdir, uninterrupted, tiny_config(**RESUMABLE))
+
+
+def test_with_every_checkpoint_corrupt_the_run_starts_over(uninterrupted, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    for step in (12, 9):
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+    for step in (3, 6):
+        truncate_arrays(workdir / "checkpoints" / str(step))
+    with caplog.at_level(logging.WARNING):
+        result = train_and_evaluate(tiny_config(**RESUMABLE), str(workdir))
+    assert result.resumed_from is None
+    assert sum("cannot be restored" in r.getMessage() for r in caplog.records) == 2
+    assert sorted(os.listdir(workdir / "checkpoints.unreadable")) == ["3", "6"]
+    assert_same_run(workdir, uninterrupted, tiny_config(**RESUMABLE))
+
+
+def test_the_only_good_checkpoint_survives_a_corrupt_newer_one(uninterrupted, tmp_path):
+    """checkpoint_keep=1 with a good checkpoint 6 and a corrupt 9: 9 is set aside rather than
+    counted, and 6 is replaced only once a newer checkpoint is complete."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    for step in (3, 9, 12):
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+    shutil.copytree(workdir / "checkpoints" / "6", workdir / "checkpoints" / "9")
+    truncate_arrays(workdir / "checkpoints" / "9")
+    config = tiny_config(**{**RESUMABLE, "checkpoint_keep": 1})
+    assert train_and_evaluate(config, str(workdir)).resumed_from == 6
+    assert checkpoint_steps(workdir) == [12]
+    assert os.listdir(workdir / "checkpoints.unreadable") == ["9"]
+    assert_same_run(workdir, uninterrupted, config)
+
+
+LR_DIVERGES = ["--config.method=fgsm", "--config.lr_max=300", "--config.checkpoint_every=4"]
+
+
+def test_a_non_finite_step_stops_the_run_naming_step_and_quantity(tmp_path):
+    """FGSM at a peak learning rate of 300 diverges; nothing is saved after the bad step."""
+    workdir = tmp_path / "diverged"
+    process = train_process(workdir, *LR_DIVERGES, "--config.log_every=1")
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    prefix, _, rest = last.partition(" at step ")
+    assert prefix in (f"error: non-finite {q}" for q in ("loss", "weights", "BN statistics"))
+    bad_step = int(rest.split(";")[0])
+    newest = max(checkpoint_steps(workdir))
+    assert newest < bad_step <= newest + 4
+    assert rest.endswith(
+        f"(the newest checkpoint, {workdir / 'checkpoints' / str(newest)}, was saved before "
+        "it): lower lr_max, or rerun with --config.skip_nonfinite=True to skip such batches"
+    )
+    run = setup_run(command_config(method="fgsm", lr_max=300.0, checkpoint_every=4))
+    state = restore_checkpoint(str(workdir), run)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+    # The same command with the skip option resumes from that checkpoint and finishes.
+    done = finish(workdir, *LR_DIVERGES, "--config.skip_nonfinite=True")
+    assert f"resumed from step {newest}" in done.stdout
+    rows = read_rows(str(workdir / "metrics.jsonl"))
+    assert rows[-1]["epoch"] == 3 and rows[-1]["skipped_steps"] > 0
+    state = restore_checkpoint(str(workdir), run)
+    for tree in (state.params, state.batch_stats):
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
+
+
+def bad_npz(tmp_path, name, **changes):
+    rng = np.random.default_rng(0)
+    arrays = dict(
+        x_train=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 64),
+        x_test=rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 16),
+    )
+    arrays.update(changes)
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return [
+        "--config.dataset=npz",
+        f"--config.npz_path={path}",
+        "--config.batch_size=16",
+        "--config.train_size=0",
+        "--config.test_size=0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("eps=0", "error: eps=0.0 must be in (0, 1]"),
+        ("negative_step", "error: pgd_step_size=-0.01 must be positive"),
+        ("zero_steps", "error: pgd_steps=0 must be a positive int"),
+        ("unknown_method", "error: method='trades': choose one of"),
+        ("unknown_model", "error: model='vgg16': choose one of"),
+        ("unknown_dataset", "error: dataset='imagenet': choose one of"),
+        ("unknown_key", "error: --config.learning_rate: no such config key"),
+        ("float_images", "error: float.npz: x_train must be uint8 images in [0, 255], got float32"),
+        ("labels", "error: labels.npz: y_train has labels in [0, 12], outside [0, 10)"),
+        ("batch", "error: batch_size=128 is larger than the 64 training examples"),
+        ("unwritable", "error: workdir {workdir} is not writable (Not a directory)"),
+        ("other_run", "error: {checkpoint} was written by a different run (method: 'apart'"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_2_writing_nothing(tmp_path, case, message, reference):
+    workdir = tmp_path / "run"
+    rng_images = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 1))
+    labels = np.random.default_rng(2).integers(0, 10, 64)
+    labels[5] = 12
+    args = {
+        "eps=0": ["--config.eps=0"],
+        "negative_step": ["--config.pgd_step_size=-0.01"],
+        "zero_steps": ["--config.pgd_steps=0"],
+        "unknown_method": ["--config.method=trades"],
+        "unknown_model": ["--config.model=vgg16"],
+        "unknown_dataset": ["--config.dataset=imagenet"],
+        "unknown_key": ["--config.learning_rate=0.1"],
+        "float_images": bad_npz(tmp_path, "float.npz", x_train=rng_images.astype(np.float32)),
+        "labels": bad_npz(tmp_path, "labels.npz", y_train=labels) + ["--config.num_classes=10"],
+        "batch": bad_npz(tmp_path, "small.npz") + ["--config.batch_size=128"],
+        "unwritable": [],
+        "other_run": [],
+    }[case]
+    if case == "unwritable":
+        (tmp_path / "file").write_text("")
+        workdir = tmp_path / "file" / "run"
+    if case == "other_run":
+        workdir = tmp_path / "other"
+        shutil.copytree(reference, workdir)
+        args = ["--config.method=fgsm"]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    stamp = {p: os.path.getmtime(p) for p in before}
+    done = run_module(*TRAIN_COMMAND[1:], *args, f"--workdir={workdir}")
+    lines = done.stderr.strip().splitlines()
+    expected = message.format(
+        workdir=workdir, checkpoint=workdir / "checkpoints" / str(TRAIN_STEPS)
+    )
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
+    after = sorted(str(p) for p in tmp_path.rglob("*") if p.name != ".lock")
+    assert after == [p for p in before if not p.endswith(".lock")]
+    assert all(os.path.getmtime(p) == stamp[p] for p in after)
