@@ -8,6 +8,7 @@ change what they need; any key can be overridden on the command line with
 from __future__ import annotations
 
 import json
+import os
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -125,6 +126,27 @@ EXECUTION_KEYS = frozenset(
 def config_as_json(config: ml_collections.ConfigDict) -> dict:
     """The config as plain JSON values (what ``config.json`` and checkpoints hold)."""
     return json.loads(config.to_json_best_effort())
+
+
+CONFIG_FILE = "config.json"  # what a training run writes into its workdir
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config of the training run in ``workdir`` (its ``config.json``).
+
+    Keys added to :func:`default_config` after the run was written take their defaults.
+
+    Raises:
+      ConfigError: if ``workdir`` holds no config.json.
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found: expected a directory written by experiments.train")
+    with open(path) as f:
+        saved = json.load(f)
+    config = default_config()
+    config.update(saved)
+    return config
 
 
 def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str]:

@@ -33,6 +33,7 @@ from apart_jax.attacks import pgd
 from apart_jax.augment import Augmentation, crop_and_flip, draw_augmentation, pad_images
 from apart_jax.checkpoint import RunCheckpoints, checkpoint_dir
 from apart_jax.config import (
+    CONFIG_FILE,
     REFERENCE_PSI_STEPS,
     ConfigError,
     config_as_json,
@@ -772,7 +773,7 @@ def _train_run(
 
     if lead:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
     compile_start = time.perf_counter()

@@ -27,13 +27,12 @@ import time
 from collections.abc import Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 
 from apart_jax.attacks.suite import AUTOATTACK, make_attack, measure_passes, run_suite
 from apart_jax.checkpoint import RunCheckpoints, checkpoint_dir
-from apart_jax.config import ConfigError
+from apart_jax.config import ConfigError, read_run_config
 from apart_jax.data import DatasetError, load_npz
 from apart_jax.train import restore_checkpoint, setup_run
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
@@ -109,11 +108,7 @@ def report_path(workdir: str, step: int, newest: int) -> str:
 def load_run(workdir: str, step: int | None = None):
     """The run's config, its state restored from checkpoint ``step`` (default: the newest),
     its dataset, the restored step and the newest saved step."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} not found: --workdir must be a directory written by training")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = read_run_config(workdir)
     steps = saved_steps(workdir)
     step = resolve_step(steps, step, checkpoint_dir(workdir))
     run = setup_run(config)

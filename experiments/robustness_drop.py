@@ -37,7 +37,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -45,7 +44,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
@@ -53,7 +51,7 @@ from tqdm.auto import tqdm
 
 from apart_jax.attacks import clip_with_grad, fgsm, loss_gradient, pgd
 from apart_jax.checkpoint import RunCheckpoints, checkpoint_dir
-from apart_jax.config import ConfigError
+from apart_jax.config import ConfigError, read_run_config
 from apart_jax.data import to_unit_range
 from apart_jax.train import Run, restore_checkpoint, setup_run
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
@@ -136,12 +134,7 @@ class Model:
 
 def load_run(workdir: str) -> Run:
     """The run of ``workdir`` rebuilt from its config.json (data loaded, nothing trained)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} not found: expected a directory written by experiments.train")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    return setup_run(config)
+    return setup_run(read_run_config(workdir))
 
 
 def epoch_steps(workdir: str, steps_per_epoch: int) -> dict[int, int]:

@@ -36,14 +36,13 @@ from typing import Any
 
 from absl import app, flags
 
-from apart_jax.config import ConfigError
+from apart_jax.config import CONFIG_FILE, ConfigError
 from apart_jax.logbook import METRICS_FILE
 from apart_jax.methods import create_method
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
 
-CONFIG_FILE = "config.json"
 EVAL_FILE = "eval.json"
 ATTACKS = (("cw", "C&W"), ("autoattack", "AA"))  # eval json entry, column name
 EPOCH_KINDS = ("best", "last")

@@ -18,11 +18,16 @@ from apart_jax.train import restore_checkpoint, setup_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Re-use compiled programs across test runs on the same machine.
+# Re-use compiled programs across test runs on the same machine, in subprocesses too.
+JIT_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.expanduser("~"), ".cache", "apart_jax_jit"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1.0",
+}
+jax.config.update("jax_compilation_cache_dir", JIT_CACHE["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update(
-    "jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "apart_jax_jit")
+    "jax_persistent_cache_min_compile_time_secs",
+    float(JIT_CACHE["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +68,7 @@ def linear_problem(seed: int, batch: int = 6, classes: int = 2):
 def module_env(devices: int | None = None) -> dict[str, str]:
     """The environment of a subprocess that imports this project, optionally with ``devices``
     simulated CPU devices."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, **JIT_CACHE, "PYTHONPATH": ROOT}
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env

@@ -6,10 +6,7 @@
 # images/s in bfloat16 at batch 512.
 #
 # Run from the repository root on the GPU machine:   bash experiments/gpu/bench_speed.sh
-# The GPU image has jax, flax, optax, chex, orbax and numpy but not ml_collections; carry it
-# as a wheel in .whl/ (fetched here with pip download, see the device notes):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp -d .whl ml_collections
+# The GPU image lacks ml_collections: carry it as a wheel in .whl/ (see setup.sh).
 # Sizes can be shrunk for a CPU rehearsal: WIDTH=4 BATCH=32 STEPS=2 EPOCH=64 EVAL=32
 # PYTHON=.venv/bin/python.
 set -euo pipefail
@@ -21,15 +18,7 @@ STEPS=${STEPS:-30}
 EPOCH=${EPOCH:-10240}
 EVAL=${EVAL:-2000}
 mkdir -p "$OUT"
-
-export PYTHONPATH="$PWD"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PWD"
-fi
-"$PYTHON" -c "import jax; print(jax.__version__, jax.devices())" | tee "$OUT/devices.txt"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/devices.txt" || true
+source "$(dirname "$0")/setup.sh"
 
 common=(--width="$WIDTH" --methods=clean,apart,pgd10 --steps="$STEPS" --warmup=5
         --epoch_examples="$EPOCH" --eval_points="$EVAL")
