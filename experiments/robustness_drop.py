@@ -57,16 +57,23 @@ from apart_jax.train import Run, restore_checkpoint, setup_run
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("fgsm", None, "FGSM training run with a checkpoint per epoch.")
-flags.DEFINE_string("reference", None, "Reference run (PGD-10 trained); its newest checkpoint.")
-flags.DEFINE_string("fgsm_plus", None, "Optional FGSM+ (or APART) run with per-epoch checkpoints.")
-flags.DEFINE_integer("num_points", 0, "Test points, the first ones of the split (0 = all).")
-flags.DEFINE_integer("train_points", 256, "Training points for the white-box gap (0 = skip).")
-flags.DEFINE_list("image_epochs", [], "Two epochs for perturbations.png (default: automatic).")
-flags.DEFINE_integer("num_images", 6, "Test images shown in perturbations.png.")
-flags.DEFINE_integer("seed", 0, "Seed of the random signs and PGD starts.")
-flags.DEFINE_string("out", None, "Output directory (default: the --fgsm directory).")
-flags.mark_flags_as_required(["fgsm", "reference"])
+
+
+def define_flags() -> None:
+    """Defines this program's flags (once, before ``app.run``)."""
+    flags.DEFINE_string("fgsm", None, "FGSM training run with a checkpoint per epoch.")
+    flags.DEFINE_string("reference", None, "Reference run (PGD-10 trained); its newest checkpoint.")
+    flags.DEFINE_string(
+        "fgsm_plus", None, "Optional FGSM+ (or APART) run with per-epoch checkpoints."
+    )
+    flags.DEFINE_integer("num_points", 0, "Test points, the first ones of the split (0 = all).")
+    flags.DEFINE_integer("train_points", 256, "Training points for the white-box gap (0 = skip).")
+    flags.DEFINE_list("image_epochs", [], "Two epochs for perturbations.png (default: automatic).")
+    flags.DEFINE_integer("num_images", 6, "Test images shown in perturbations.png.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random signs and PGD starts.")
+    flags.DEFINE_string("out", None, "Output directory (default: the --fgsm directory).")
+    flags.mark_flags_as_required(["fgsm", "reference"])
+
 
 COLUMNS = (
     "epoch",
@@ -426,4 +433,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags_or_exit)
