@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 from conftest import (
     RESUMABLE,
-    ROOT,
-    TRAIN_COMMAND,
     assert_same_run,
     checkpoint_steps,
-    module_env,
     tiny_config,
-    wait_for,
-    without_timings,
 )
 
 from apart_jax.checkpoint import RunCheckpoints
@@ -115,56 +106,6 @@ def test_metrics_go_to_tensorboard(uninterrupted):
         [v for _, v in scalars["clean_acc"]], [r["clean_acc"] for r in rows], rtol=1e-6
     )
     assert {"train_loss", "psi/alpha", "psi/layer_alphas/1"} <= set(scalars)
-
-
-def test_killed_and_terminated_commands_resume_to_the_uninterrupted_result(tmp_path):
-    """kill -9 after the first checkpoint; SIGTERM after epoch 1 with no checkpoint due (the
-    signal writes one). Both reruns end with the uninterrupted run's metrics."""
-    env = module_env()
-
-    def train(workdir, *overrides):
-        return subprocess.Popen(
-            [sys.executable, *TRAIN_COMMAND, *overrides, f"--workdir={workdir}"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    reference = train(tmp_path / "reference")
-    killed = train(tmp_path / "killed")
-    terminated = train(tmp_path / "terminated", "--config.checkpoint_every=1000")
-    checkpoints = tmp_path / "killed" / "checkpoints"
-    wait_for(lambda: checkpoints.is_dir() and checkpoint_steps(tmp_path / "killed"), killed)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    metrics = tmp_path / "terminated" / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and read_rows(str(metrics)), terminated)
-    signalled = time.monotonic()
-    terminated.send_signal(signal.SIGTERM)
-    _, err = terminated.communicate(timeout=120)
-    assert time.monotonic() - signalled < 60
-    assert terminated.returncode == 128 + signal.SIGTERM
-    stopped_at = checkpoint_steps(tmp_path / "terminated")
-    assert len(stopped_at) == 1 and 32 <= stopped_at[0] < 96  # written by the signal
-    assert err.strip().splitlines()[-1] == (
-        f"stopped by SIGTERM after step {stopped_at[0]}: checkpoint "
-        f"{tmp_path / 'terminated' / 'checkpoints' / str(stopped_at[0])} saved; "
-        "run the same command again to resume"
-    )
-    assert reference.wait(timeout=300) == 0, reference.communicate()[1]
-    reference_rows = read_rows(str(tmp_path / "reference" / "metrics.jsonl"))
-    assert len(reference_rows) == 3
-    assert max(checkpoint_steps(tmp_path / "killed")) < 96  # killed before the end
-
-    for name, overrides in (("killed", ()), ("terminated", ("--config.checkpoint_every=1000",))):
-        resumed = train(tmp_path / name, *overrides)
-        out, err = resumed.communicate(timeout=300)
-        assert resumed.returncode == 0, err
-        assert "resumed from step" in out
-        rows = read_rows(str(tmp_path / name / "metrics.jsonl"))
-        assert without_timings(rows) == without_timings(reference_rows)
 
 
 def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):

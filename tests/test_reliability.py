@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -28,6 +29,8 @@ from conftest import (
     without_timings,
 )
 
+from apart_jax.config import ConfigError
+from apart_jax.data import DatasetError
 from apart_jax.logbook import read_rows
 from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
 
@@ -69,7 +72,13 @@ def command_config(**overrides):
 
     config = get_config()
     config.update(
-        width=4, epochs=3, train_size=1000, test_size=64, batch_size=32, checkpoint_every=2
+        width=4,
+        epochs=3,
+        train_size=1000,
+        test_size=64,
+        batch_size=32,
+        checkpoint_every=2,
+        eval_every=1,
     )
     config.progress = False
     config.update(overrides)
@@ -108,6 +117,31 @@ def test_kill_9_at_random_moments_then_rerun_equals_the_uninterrupted_run(refere
         progress.append(newest_step(workdir))
     assert all(t <= p < TRAIN_STEPS for t, p in zip(targets, progress, strict=True)), progress
     finish(workdir)
+    assert_same_final_state(workdir, reference)
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_within_60_s(reference, tmp_path):
+    """SIGTERM after epoch 1 with no checkpoint due: the signal writes one; the same command
+    resumes from it to the uninterrupted result."""
+    workdir = tmp_path / "terminated"
+    no_periodic_saves = "--config.checkpoint_every=1000"
+    process = train_process(workdir, no_periodic_saves)
+    metrics = workdir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and read_rows(str(metrics)), process)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert time.monotonic() - signalled < 60
+    assert process.returncode == 128 + signal.SIGTERM
+    stopped_at = checkpoint_steps(workdir)
+    assert len(stopped_at) == 1 and 32 <= stopped_at[0] < TRAIN_STEPS  # written by the signal
+    assert err.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM after step {stopped_at[0]}: checkpoint "
+        f"{workdir / 'checkpoints' / str(stopped_at[0])} saved; "
+        "run the same command again to resume"
+    )
+    done = finish(workdir, no_periodic_saves)
+    assert f"resumed from step {stopped_at[0]}" in done.stdout
     assert_same_final_state(workdir, reference)
 
 
@@ -301,7 +335,8 @@ def test_a_non_finite_step_stops_the_run_naming_step_and_quantity(tmp_path):
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree))
 
 
-def bad_npz(tmp_path, name, **changes):
+def bad_npz(tmp_path, name, **changes) -> dict:
+    """Config overrides training on a small npz with ``changes`` to its arrays."""
     rng = np.random.default_rng(0)
     arrays = dict(
         x_train=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
@@ -312,57 +347,58 @@ def bad_npz(tmp_path, name, **changes):
     arrays.update(changes)
     path = tmp_path / name
     np.savez(path, **arrays)
-    return [
-        "--config.dataset=npz",
-        f"--config.npz_path={path}",
-        "--config.batch_size=16",
-        "--config.train_size=0",
-        "--config.test_size=0",
-    ]
+    return dict(dataset="npz", npz_path=str(path), batch_size=16, train_size=0, test_size=0)
+
+
+def listing(root) -> dict[str, float]:
+    """Every path under ``root`` but lock files, with its modification time."""
+    return {str(p): os.path.getmtime(p) for p in root.rglob("*") if p.name != ".lock"}
 
 
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("unknown_key", "error: --config.learning_rate: no such config key"),
-        ("float_images", "error: float.npz: x_train must be uint8 images in [0, 255], got float32"),
-        ("labels", "error: labels.npz: y_train has labels in [0, 12], outside [0, 10)"),
-        ("batch", "error: batch_size=128 is larger than the 64 training examples"),
-        ("unwritable", "error: workdir {workdir} is not writable (Not a directory)"),
-        ("other_run", "error: {checkpoint} was written by a different run (method: 'apart'"),
+        ("float_images", "float.npz: x_train must be uint8 images in [0, 255], got float32"),
+        ("labels", "labels.npz: y_train has labels in [0, 12], outside [0, 10)"),
+        ("batch", "batch_size=128 is larger than the 64 training examples"),
+        ("unwritable", "workdir {workdir} is not writable (Not a directory)"),
+        ("other_run", "{checkpoint} was written by a different run (method: 'apart'"),
     ],
 )
-def test_bad_input_gets_one_line_and_exit_2_writing_nothing(tmp_path, case, message, reference):
-    """Through the command line. Invalid values of eps, step sizes, step counts, method,
-    model and dataset are refused the same way before anything is built
+def test_bad_input_is_refused_in_one_line_writing_nothing(tmp_path, case, message, reference):
+    """The command line turns these errors into ``error: MESSAGE`` and exit 2 (run_or_exit,
+    tests/test_train.py::test_train_command_rejects_bad_input_with_one_line_and_status_2).
+    Invalid eps, step sizes, step counts, method, model and dataset are refused the same way
     (tests/test_train.py::test_invalid_configs_fail_before_anything_is_written)."""
     workdir = tmp_path / "run"
-    rng_images = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 1))
     labels = np.random.default_rng(2).integers(0, 10, 64)
     labels[5] = 12
-    args = {
-        "unknown_key": ["--config.learning_rate=0.1"],
-        "float_images": bad_npz(tmp_path, "float.npz", x_train=rng_images.astype(np.float32)),
-        "labels": bad_npz(tmp_path, "labels.npz", y_train=labels) + ["--config.num_classes=10"],
-        "batch": bad_npz(tmp_path, "small.npz") + ["--config.batch_size=128"],
-        "unwritable": [],
-        "other_run": [],
-    }[case]
+    float_images = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 1)).astype(np.float32)
+    overrides = {
+        "float_images": lambda: bad_npz(tmp_path, "float.npz", x_train=float_images),
+        "labels": lambda: {**bad_npz(tmp_path, "labels.npz", y_train=labels), "num_classes": 10},
+        "batch": lambda: {**bad_npz(tmp_path, "small.npz"), "batch_size": 128},
+        "unwritable": dict,
+        "other_run": lambda: {"method": "fgsm"},
+    }[case]()
     if case == "unwritable":
         (tmp_path / "file").write_text("")
         workdir = tmp_path / "file" / "run"
     if case == "other_run":
         workdir = tmp_path / "other"
         shutil.copytree(reference, workdir)
-        args = ["--config.method=fgsm"]
-    before = sorted(str(p) for p in tmp_path.rglob("*"))
-    stamp = {p: os.path.getmtime(p) for p in before}
-    done = run_module(*TRAIN_COMMAND[1:], *args, f"--workdir={workdir}")
-    lines = done.stderr.strip().splitlines()
-    expected = message.format(
-        workdir=workdir, checkpoint=workdir / "checkpoints" / str(TRAIN_STEPS)
-    )
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
-    after = sorted(str(p) for p in tmp_path.rglob("*") if p.name != ".lock")
-    assert after == [p for p in before if not p.endswith(".lock")]
-    assert all(os.path.getmtime(p) == stamp[p] for p in after)
+    before = listing(tmp_path)
+    with pytest.raises((ConfigError, DatasetError)) as info:
+        train_and_evaluate(command_config(**overrides), str(workdir))
+    expected = message.format(workdir=workdir, checkpoint=workdir / "checkpoints" / "96")
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value), info.value
+    assert listing(tmp_path) == before
+
+
+def test_an_unknown_config_key_gets_one_line_and_exit_2(tmp_path):
+    done = run_module(*TRAIN_COMMAND[1:], "--config.learning_rate=0.1", f"--workdir={tmp_path}/run")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --config.learning_rate: no such config key (apart_jax/config.py lists them all)"
+    ]
+    assert not (tmp_path / "run").exists()
