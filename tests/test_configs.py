@@ -98,8 +98,7 @@ def test_unknown_preset_names_the_choices(path):
 def test_docstring_gives_command_runtime_and_result(path):
     module = load(os.path.join(ROOT, path))
     doc = module.__doc__ or ""
-    # cifar10_subset.py says "Expected and measured results".
-    headings = [r"Command", r"Expected runtime", r"Expected (and measured )?results?"]
+    headings = [r"Command", r"Expected runtime", r"Expected result"]
     found = [re.search(heading, doc) for heading in headings]
     assert all(found), [h for h, m in zip(headings, found, strict=True) if not m]
     assert [m.start() for m in found] == sorted(m.start() for m in found)
