@@ -52,7 +52,7 @@ title="CIFAR-10 (JPEG q75 copy), 5,000 training images, PreAct-ResNet-18 width 1
 "$python" -m experiments.summarize "${workdirs[@]}" --title="$title" --out="$runs/table.md" \
   --csv="$runs/table.csv"
 "$python" -m experiments.plot "${workdirs[@]}" --out="$runs/accuracy.png" \
-  --title="CIFAR-10 (JPEG q75 copy) subset: clean (dashed) and PGD-20 (solid) accuracy, 256 test images"
+  --title="CIFAR-10 JPEG q75 subset: clean (dashed), PGD-20 (solid), 256 test images"
 cp "$runs/table.md" "$runs/table.csv" "$runs/accuracy.png" "$docs/"
 for file in robustness_drop.csv robustness_drop.png perturbations.png; do
   cp "$runs/analysis/$file" "$docs/"
