@@ -23,21 +23,14 @@ for), PGD-20 evaluation every 2 epochs on the full test set.
 
 import ml_collections
 
-from apart_jax.config import default_config
+from experiments.configs import METHOD_PRESETS, preset_config
 
-PRESETS = {
-    "fgsm": dict(method="fgsm"),
-    "fgsm_rs": dict(method="fgsm_rs"),
-    "fgsm_plus": dict(method="fgsm_plus"),
-    "apart": dict(method="apart"),
-    "pgd10": dict(method="pgd", pgd_steps=10),
-}
+PRESETS = METHOD_PRESETS
 
 
 def get_config(preset: str = "apart") -> ml_collections.ConfigDict:
-    if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r}: choose one of {sorted(PRESETS)}")
-    c = default_config()
-    c.dataset = "npz"
-    c.update(PRESETS[preset])
-    return c
+    return preset_config(
+        PRESETS,
+        preset,
+        dataset="npz",
+    )

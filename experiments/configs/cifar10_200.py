@@ -32,25 +32,21 @@ resumed run) if the disk is smaller, and evaluate the epochs as they are written
 
 import ml_collections
 
-from apart_jax.config import default_config
+from experiments.configs import METHOD_PRESETS, preset_config
 
-PRESETS = {
-    "apart": dict(method="apart"),
-    "pgd10": dict(method="pgd", pgd_steps=10),
-}
+PRESETS = {name: METHOD_PRESETS[name] for name in ("apart", "pgd10")}
 
 EPOCHS = 200
 CYCLE_EPOCHS = 30
 
 
 def get_config(preset: str = "apart") -> ml_collections.ConfigDict:
-    if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r}: choose one of {sorted(PRESETS)}")
-    c = default_config()
-    c.dataset = "npz"
-    c.epochs = EPOCHS
-    c.schedule_epochs = CYCLE_EPOCHS
-    c.checkpoint_every = 0  # at the end of every epoch
-    c.checkpoint_keep = EPOCHS
-    c.update(PRESETS[preset])
-    return c
+    return preset_config(
+        PRESETS,
+        preset,
+        dataset="npz",
+        epochs=EPOCHS,
+        schedule_epochs=CYCLE_EPOCHS,
+        checkpoint_every=0,  # at the end of every epoch
+        checkpoint_keep=EPOCHS,
+    )

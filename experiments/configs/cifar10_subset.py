@@ -25,31 +25,24 @@ Evaluation is always at eps 8/255, also for fgsm16.
 
 import ml_collections
 
-from apart_jax.config import default_config
+from experiments.configs import METHOD_PRESETS, preset_config
 
-PRESETS = {
-    "fgsm": dict(method="fgsm"),
-    "fgsm_rs": dict(method="fgsm_rs"),
-    "fgsm_plus": dict(method="fgsm_plus"),
-    "apart": dict(method="apart"),
-    "pgd10": dict(method="pgd", pgd_steps=10),
-    "fgsm16": dict(method="fgsm", eps=16 / 255),
-}
+PRESETS = {**METHOD_PRESETS, "fgsm16": dict(method="fgsm", eps=16 / 255)}
+EPOCHS = 15
 
 
 def get_config(preset: str = "apart") -> ml_collections.ConfigDict:
-    if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r}: choose one of {sorted(PRESETS)}")
-    c = default_config()
-    c.dataset = "npz"
-    c.width = 16
-    c.train_size = 5000
-    c.test_size = 256
-    c.epochs = 15
-    c.eval_every = 1
-    c.eval_batch_size = 256
-    c.checkpoint_every = 0
-    c.checkpoint_keep = c.epochs
-    c.psi_lr_autoscale = True
-    c.update(PRESETS[preset])
-    return c
+    return preset_config(
+        PRESETS,
+        preset,
+        dataset="npz",
+        width=16,
+        train_size=5000,
+        test_size=256,
+        epochs=EPOCHS,
+        eval_every=1,
+        eval_batch_size=256,
+        checkpoint_every=0,
+        checkpoint_keep=EPOCHS,
+        psi_lr_autoscale=True,
+    )

@@ -29,23 +29,16 @@ Departures from the CIFAR-10 defaults:
 
 import ml_collections
 
-from apart_jax.config import default_config
+from experiments.configs import METHOD_PRESETS, preset_config
 
-PRESETS = {
-    "fgsm": dict(method="fgsm"),
-    "fgsm_rs": dict(method="fgsm_rs"),
-    "fgsm_plus": dict(method="fgsm_plus"),
-    "apart": dict(method="apart"),
-    "pgd10": dict(method="pgd", pgd_steps=10),
-}
+PRESETS = METHOD_PRESETS
 
 
 def get_config(preset: str = "apart") -> ml_collections.ConfigDict:
-    if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r}: choose one of {sorted(PRESETS)}")
-    c = default_config()
-    c.dataset = "svhn_cropped"
-    c.lr_max = 0.05
-    c.flip = False  # also the dataset's default; stated so that the config says it
-    c.update(PRESETS[preset])
-    return c
+    return preset_config(
+        PRESETS,
+        preset,
+        dataset="svhn_cropped",
+        lr_max=0.05,
+        flip=False,  # also the dataset's default; stated so that the config says it,
+    )
