@@ -21,6 +21,8 @@ Cloud TPU VM pod slice pass --distributed alone and JAX finds the rest.
 
 from __future__ import annotations
 
+import gc
+import logging
 import sys
 
 from absl import app, flags
@@ -57,7 +59,14 @@ def main(argv: list[str]) -> None:
     except TrainingInterrupted as stop:
         print(f"{stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
-    except (NonFiniteError, CheckpointSaveError) as error:
+    except CheckpointSaveError as error:
+        # Orbax's abandoned write tasks report the same failure again when they are garbage
+        # collected; collect them now, unlogged, so that the one-line error is printed last.
+        logging.getLogger("asyncio").disabled = True
+        gc.collect()
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     if jax.process_index() != 0:
