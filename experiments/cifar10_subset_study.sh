@@ -9,8 +9,9 @@
 # 2. the robustness-drop analysis of FGSM and FGSM+ against the PGD-10 reference
 #    (experiments.robustness_drop) on the 256 test images and 256 training images;
 # 3. C&W and AutoAttack on the first $POINTS test images (default 100) of the full test split,
-#    for the last epoch of every run (experiments.evaluate; PGD-20 per epoch comes from
-#    training's own evaluation); the best epochs' commands are printed by the table step;
+#    for the best and the last epoch of every run (experiments.evaluate, the epochs that
+#    experiments.summarize --missing lists; PGD-20 per epoch comes from training's own
+#    evaluation);
 # 4. the table (experiments.summarize) and the accuracy curves (experiments.plot);
 # 5. the figures, CSVs and table copied to docs/results/, and the table between the
 #    subset-table markers of docs/results.md replaced by the new one.
@@ -41,11 +42,12 @@ echo "== robustness-drop analysis"
 echo "== evaluation on $points test images"
 workdirs=()
 for preset in "${presets[@]}"; do workdirs+=(--workdir="$runs/$preset"); done
-for preset in "${presets[@]}"; do
-  [ -f "$runs/$preset/eval.json" ] || "$python" -m experiments.evaluate \
-    --workdir="$runs/$preset" --suite=cw,autoattack --npz="$data" --num_points="$points" \
-    --count_passes=False
-done
+"$python" -m experiments.summarize "${workdirs[@]}" --missing > "$runs/missing.txt"
+while read -r workdir step; do
+  echo "-- $workdir, step $step"
+  "$python" -m experiments.evaluate --workdir="$workdir" --step="$step" \
+    --suite=cw,autoattack --npz="$data" --num_points="$points" --count_passes=False < /dev/null
+done < "$runs/missing.txt"
 
 echo "== table and figures"
 title="CIFAR-10 (JPEG q75 copy), 5,000 training images, PreAct-ResNet-18 width 16, 15 epochs"

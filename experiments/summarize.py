@@ -2,6 +2,7 @@
 
     python -m experiments.summarize --workdir=DIR [--workdir=DIR2 ...] [--out=table.md] \
         [--csv=table.csv] [--title=...]
+    python -m experiments.summarize --workdir=DIR [--workdir=DIR2 ...] --missing
 
 One row per run, in the order given: its label (the directory's basename; where two
 basenames coincide, the method and training eps, e.g. "apart 8/255", else the path), the
@@ -19,8 +20,10 @@ then to the later epoch (the longer-trained model, the one a newest-checkpoint e
 covers). A protocol line under the table says, from the files, on how many test points and
 at which eps the numbers were measured. The table is printed and, with --out, written to a
 file; --csv writes the same rows with raw numbers (accuracies as fractions in [0, 1],
-seconds; empty cells where not evaluated). Every missing evaluation is listed with the
-experiments.evaluate command that fills it.
+seconds; empty cells where not evaluated). Every missing evaluation (a best or last epoch
+without a report, or whose report lacks C&W or AutoAttack) is listed with the
+experiments.evaluate command that fills it; with --missing only those are printed, as
+"WORKDIR STEP" lines for scripts (experiments/cifar10_subset_study.sh runs them).
 
 A missing directory, one without config.json, a missing, empty or malformed metrics.jsonl or
 a malformed eval json exits with one line on stderr and status 2.
@@ -56,6 +59,12 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Markdown file to write the table to (it is printed too).")
     flags.DEFINE_string("csv", None, "CSV file to write the same rows to, raw numbers.")
     flags.DEFINE_string("title", "", "A heading above the table (none if empty).")
+    flags.DEFINE_bool(
+        "missing",
+        False,
+        "Print only 'WORKDIR STEP' per best or last epoch lacking a C&W or AutoAttack report "
+        "(nothing if none), for scripts; --out and --csv are not written.",
+    )
     flags.mark_flags_as_required(["workdir"])
 
 
@@ -449,8 +458,24 @@ def write_csv(summaries: Sequence[dict[str, Any]], path: str) -> None:
         writer.writerows(csv_row(s) for s in summaries)
 
 
-def missing_evaluations(summaries: Sequence[dict[str, Any]]) -> list[str]:
-    """An experiments.evaluate command for each best or last epoch without a report."""
+def missing_evaluations(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(workdir, step) of each best or last epoch whose report is missing or lacks one of
+    the table's attacks (C&W, AutoAttack), in table order, each step once."""
+    missing = []
+    for s in summaries:
+        steps = dict.fromkeys(
+            s[kind]["step"]
+            for kind in EPOCH_KINDS
+            if s[kind]["attacks"] is None
+            or any(s[kind]["attacks"][entry] is None for entry, _ in ATTACKS)
+        )
+        missing += [(s["workdir"], step) for step in steps]
+    return missing
+
+
+def evaluate_commands(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    """The experiments.evaluate command of each :func:`missing_evaluations` entry, with the
+    number of points of the existing reports when they all agree on one."""
     points = {
         s[kind]["attacks"]["num_points"]
         for s in summaries
@@ -458,20 +483,19 @@ def missing_evaluations(summaries: Sequence[dict[str, Any]]) -> list[str]:
         if s[kind]["attacks"] is not None
     }
     num_points = f" --num_points={points.pop()}" if len(points) == 1 else ""
-    commands = []
-    for s in summaries:
-        steps = dict.fromkeys(s[kind]["step"] for kind in EPOCH_KINDS if not s[kind]["attacks"])
-        commands += [
-            f"python -m experiments.evaluate --workdir={s['workdir']} --step={step}"
-            f" --suite=cw,autoattack{num_points}"
-            for step in steps
-        ]
-    return commands
+    return [
+        f"python -m experiments.evaluate --workdir={workdir} --step={step}"
+        f" --suite=cw,autoattack{num_points}"
+        for workdir, step in missing_evaluations(summaries)
+    ]
 
 
 def summarize_workdirs() -> str:
-    """Loads every --workdir, writes --out and --csv and returns the markdown."""
+    """Loads every --workdir, writes --out and --csv and returns the markdown (with --missing:
+    only the "WORKDIR STEP" lines of :func:`missing_evaluations`)."""
     summaries = [load_run_summary(w) for w in FLAGS.workdir]
+    if FLAGS.missing:
+        return "\n".join(f"{workdir} {step}" for workdir, step in missing_evaluations(summaries))
     for summary, label in zip(summaries, unique_labels(summaries), strict=True):
         summary["label"] = label
     text = format_table(summaries, FLAGS.title)
@@ -481,7 +505,7 @@ def summarize_workdirs() -> str:
             f.write(text)
     if FLAGS.csv:
         write_csv(summaries, FLAGS.csv)
-    commands = missing_evaluations(summaries)
+    commands = evaluate_commands(summaries)
     if commands:
         text += "\nNot evaluated under C&W and AutoAttack yet; to fill in:\n"
         text += "".join(f"  {c}\n" for c in commands)
@@ -495,7 +519,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_logging()
-    print(run_or_exit(summarize_workdirs))
+    text = run_or_exit(summarize_workdirs)
+    if text:
+        print(text)
 
 
 if __name__ == "__main__":

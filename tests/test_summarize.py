@@ -215,14 +215,38 @@ def test_command_writes_markdown_and_csv(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert parse_table(out.read_text())["pgd_run"]["best C&W"] == "43.25%"
     assert out.read_text() in proc.stdout
-    assert f"--workdir={apart} --step=80 --suite=cw,autoattack" in proc.stdout
-    assert f"--workdir={pgd} --step=160 --suite=cw,autoattack" in proc.stdout
+    # Missing: APART's best epoch, PGD's last, and PGD's best (C&W only, no AutoAttack).
+    lines = [line.strip() for line in proc.stdout.splitlines()]
+    commands = [line for line in lines if line.startswith("python -m experiments.evaluate")]
+    assert [c.split(" --suite")[0].split("--workdir=")[1] for c in commands] == [
+        f"{apart} --step=80",
+        f"{pgd} --step=120",
+        f"{pgd} --step=160",
+    ]
+    assert all(c.endswith("--suite=cw,autoattack --num_points=1000") for c in commands)
     with open(table_csv) as f:
         rows = {row["run"]: row for row in csv.DictReader(f)}
     assert rows["pgd_run"]["best_epoch"] == "3" and rows["pgd_run"]["best_step"] == "120"
     assert float(rows["pgd_run"]["best_cw"]) == pytest.approx(0.4325)
     assert rows["pgd_run"]["best_autoattack"] == "" and rows["apart_run"]["best_cw"] == ""
     assert float(rows["apart_run"]["train_seconds"]) == pytest.approx(390.0)
+
+
+def test_missing_lists_the_steps_to_evaluate_and_nothing_else(runs):
+    apart, pgd = runs
+    proc = run_module(
+        "experiments.summarize", f"--workdir={apart}", f"--workdir={pgd}", "--missing"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{apart} 80\n{pgd} 120\n{pgd} 160\n"
+    done = {"cw": 0.3, "autoattack": 0.25}
+    write_eval(apart, "eval_step80.json", 80, 0.6, done)
+    write_eval(pgd, "eval_step120.json", 120, 0.549, done)
+    write_eval(pgd, "eval_step160.json", 160, 0.55, done)
+    proc = run_module(
+        "experiments.summarize", f"--workdir={apart}", f"--workdir={pgd}", "--missing"
+    )
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
 
 
 def test_command_rejects_a_run_without_metrics(tmp_path):
