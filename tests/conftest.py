@@ -65,6 +65,22 @@ def linear_problem(seed: int, batch: int = 6, classes: int = 2):
     return (lambda x: x @ w), w, x, y
 
 
+def write_npz(path, *, train=20, test=8, image_shape=(6, 6, 3), num_classes=4, **overrides):
+    """Writes random uint8 images and int labels in the npz dataset layout and returns them;
+    ``overrides`` replace arrays (None removes one)."""
+    rng = np.random.default_rng(0)
+    arrays = dict(
+        x_train=rng.integers(0, 256, (train, *image_shape), dtype=np.uint8),
+        y_train=rng.integers(0, num_classes, train),
+        x_test=rng.integers(0, 256, (test, *image_shape), dtype=np.uint8),
+        y_test=rng.integers(0, num_classes, test),
+    )
+    arrays.update(overrides)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return arrays
+
+
 def module_env(devices: int | None = None) -> dict[str, str]:
     """The environment of a subprocess that imports this project, optionally with ``devices``
     simulated CPU devices."""

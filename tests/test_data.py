@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import write_npz
 
 from apart_jax.data import DATASETS, DatasetError, load_dataset, load_npz
 
@@ -25,20 +26,6 @@ def test_dataset_sizes_keep_a_prefix(digits):
     assert len(small.y_test) == 20
     with pytest.raises(DatasetError, match="train_size=5000"):
         load_dataset("digits", train_size=5000)
-
-
-def write_npz(path, **overrides):
-    rng = np.random.default_rng(0)
-    arrays = dict(
-        x_train=rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8),
-        y_train=rng.integers(0, 4, 20),
-        x_test=rng.integers(0, 256, (8, 6, 6, 3), dtype=np.uint8),
-        y_test=rng.integers(0, 4, 8),
-    )
-    arrays.update(overrides)
-    arrays = {k: v for k, v in arrays.items() if v is not None}
-    np.savez(path, **arrays)
-    return arrays
 
 
 def test_npz_round_trip(tmp_path):

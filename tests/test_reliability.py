@@ -27,6 +27,7 @@ from conftest import (
     tiny_config,
     wait_for,
     without_timings,
+    write_npz,
 )
 
 from apart_jax.config import ConfigError
@@ -37,9 +38,22 @@ from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
 TRAIN_STEPS = 96  # TRAIN_COMMAND: 3 epochs of 32 steps, a checkpoint every 2 steps
 
 
-def train_process(workdir, *overrides, driver: str | None = None) -> subprocess.Popen:
-    """The training command (or ``driver``, a ``python -c`` program wrapping it) on ``workdir``."""
-    program = ["-c", driver, *TRAIN_COMMAND[2:]] if driver else TRAIN_COMMAND
+# Appended to a patch: runs experiments.train as the training command would.
+RUN_TRAIN = """
+import sys
+from absl import app
+from experiments import train
+from experiments.cli import parse_flags_or_exit
+
+sys.argv[0] = "train"
+app.run(train.main, flags_parser=parse_flags_or_exit)
+"""
+
+
+def train_process(workdir, *overrides, patch: str | None = None) -> subprocess.Popen:
+    """The training command on ``workdir``; with ``patch``, a ``python -c`` program that runs
+    the patch's code and then the same command."""
+    program = ["-c", patch + RUN_TRAIN, *TRAIN_COMMAND[2:]] if patch else TRAIN_COMMAND
     return subprocess.Popen(
         [sys.executable, *program, *overrides, f"--workdir={workdir}"],
         cwd=ROOT,
@@ -148,11 +162,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_within_60_s(reference, 
 # Runs the training command with Orbax's final rename patched to kill -9 the process, so it
 # dies after writing checkpoint 10's files but before publishing them.
 KILL_DURING_SAVE = """
-import os, signal, sys
+import os, signal
 from orbax.checkpoint._src.path import atomicity
-from absl import app
-from experiments import train
-from experiments.cli import parse_flags_or_exit
 
 publish = atomicity.AtomicRenameTemporaryPath.finalize
 
@@ -162,15 +173,13 @@ async def finalize(self, *args, **kwargs):
     return await publish(self, *args, **kwargs)
 
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
-sys.argv[0] = "train"
-app.run(train.main, flags_parser=parse_flags_or_exit)
 """
 
 
 def test_kill_9_while_a_checkpoint_is_being_written(reference, tmp_path):
     """The half-written checkpoint is ignored and removed; the rerun resumes from step 8."""
     workdir = tmp_path / "killed"
-    process = train_process(workdir, driver=KILL_DURING_SAVE)
+    process = train_process(workdir, patch=KILL_DURING_SAVE)
     process.communicate(timeout=300)
     assert process.returncode == -signal.SIGKILL
     leftovers = [d for d in os.listdir(workdir / "checkpoints") if not d.isdigit()]
@@ -183,11 +192,8 @@ def test_kill_9_while_a_checkpoint_is_being_written(reference, tmp_path):
 # Fills the "disk" before the third save: RLIMIT_FSIZE makes every write past 20 kB fail with
 # EFBIG (File too large) inside Orbax's background writer, as a full disk fails with ENOSPC.
 FULL_DISK = """
-import resource, signal, sys
-from absl import app
+import resource, signal
 from apart_jax import checkpoint
-from experiments import train
-from experiments.cli import parse_flags_or_exit
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 save, saves = checkpoint.RunCheckpoints.save, []
@@ -200,14 +206,12 @@ def save_on_a_full_disk(self, step, *args, **kwargs):
     return save(self, step, *args, **kwargs)
 
 checkpoint.RunCheckpoints.save = save_on_a_full_disk
-sys.argv[0] = "train"
-app.run(train.main, flags_parser=parse_flags_or_exit)
 """
 
 
 def test_a_full_disk_while_saving_reports_it_and_keeps_the_previous_checkpoint(reference, tmp_path):
     workdir = tmp_path / "full"
-    process = train_process(workdir, driver=FULL_DISK)
+    process = train_process(workdir, patch=FULL_DISK)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 1, err[-3000:]
     last = err.strip().splitlines()[-1]
@@ -337,16 +341,8 @@ def test_a_non_finite_step_stops_the_run_naming_step_and_quantity(tmp_path):
 
 def bad_npz(tmp_path, name, **changes) -> dict:
     """Config overrides training on a small npz with ``changes`` to its arrays."""
-    rng = np.random.default_rng(0)
-    arrays = dict(
-        x_train=rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
-        y_train=rng.integers(0, 10, 64),
-        x_test=rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8),
-        y_test=rng.integers(0, 10, 16),
-    )
-    arrays.update(changes)
     path = tmp_path / name
-    np.savez(path, **arrays)
+    write_npz(path, train=64, test=16, image_shape=(8, 8, 1), num_classes=10, **changes)
     return dict(dataset="npz", npz_path=str(path), batch_size=16, train_size=0, test_size=0)
 
 
