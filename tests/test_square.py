@@ -227,31 +227,3 @@ def test_l2_pattern_is_the_reference_double_bump():
     # Nested rectangles around the centre of each half: 1 + 1/4 + 1/9 against 1/4 + 1/9.
     np.testing.assert_allclose(pattern[1, 2] / pattern[0, 2], (1 + 1 / 4 + 1 / 9) / (1 / 4 + 1 / 9))
     np.testing.assert_allclose(pattern[0, 0] / pattern[0, 2], (1 / 9) / (1 / 4 + 1 / 9))
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(eps=0.0), "eps"),
-        (dict(eps=1.5), "eps"),
-        (dict(eps=-1.0, norm="l2"), "eps"),
-        (dict(eps=0.1, norm="l1"), "norm"),
-        (dict(eps=0.1, queries=0), "queries"),
-        (dict(eps=0.1, queries=2.5), "queries"),
-        (dict(eps=0.1, p_init=0.0), "p_init"),
-        (dict(eps=0.1, p_init=1.5), "p_init"),
-        (dict(eps=0.1, unroll=0), "unroll"),
-    ],
-)
-def test_rejects_invalid_arguments_naming_them(kwargs, message):
-    logits_fn, _, x, y = linear_images(0, batch=2)
-    with pytest.raises(ValueError, match=message):
-        square(logits_fn, x, y, jax.random.key(0), **kwargs)
-
-
-def test_rejects_inputs_that_are_not_nhwc_images():
-    logits_fn, _, x, y = linear_images(0, batch=2)
-    with pytest.raises(ValueError, match="x must be 4-D"):
-        square(logits_fn, x.reshape(2, -1), y, jax.random.key(0), eps=0.1)
-    with pytest.raises(ValueError, match="y must"):
-        square(logits_fn, x, y[:1], jax.random.key(0), eps=0.1)

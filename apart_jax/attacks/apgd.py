@@ -2,16 +2,16 @@
 
 Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
 parameter-free attacks", ICML 2020; the details follow their reference implementation
-(``autoattack/autopgd_base.py``). Like every attack here, these are pure functions of a
-logits closure ``logits_fn(x) -> logits`` (inputs (B, ...) in [0, 1], logits (B, K)); they
-return adversarial inputs of the shape and dtype of ``x``, inside the eps-ball around ``x``
-and inside [0, 1], and they work under ``jax.jit`` (all hyperparameters are static Python
-values; there is no data-dependent Python control flow).
+(``autoattack/autopgd_base.py``). Like every attack here (see :mod:`apart_jax.attacks.core`)
+they are ``attack(logits_fn, x, y, key, *, eps, ...)`` and return adversarial inputs of the
+shape and dtype of ``x``, inside the eps-ball around ``x`` and inside [0, 1]; they work under
+``jax.jit`` (all hyperparameters are static Python values).
 
 One APGD run, per example (every quantity below is per example):
 
-* start at a random point of the eps-ball: L-inf ``x + eps * t / max|t|`` with t ~ U(-1, 1),
-  L2 ``x + eps * g / ||g||_2`` with g Gaussian; clipped to [0, 1];
+* start at a random point of the eps-sphere (``random_init(..., on_sphere=True)``): L-inf
+  ``x + eps * t / max|t|`` with t ~ U(-1, 1), L2 ``x + eps * g / ||g||_2`` with g Gaussian;
+  clipped to [0, 1];
 * the first step size is ``2 * eps``; step k moves to
   ``z = P(x_k + eta * d_k)`` (d_k = sign(grad) for L-inf, grad / ||grad||_2 for L2) and then
   ``x_{k+1} = P(x_k + alpha * (z - x_k) + (1 - alpha) * (x_k - x_{k-1}))`` with alpha = 1 at
@@ -26,25 +26,23 @@ One APGD run, per example (every quantity below is per example):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apart_jax.attacks.checks import check_attack_inputs, check_unroll
+from apart_jax.attacks.checks import check_attack_inputs, check_interval
 from apart_jax.attacks.core import (
-    l2_norm,
-    l2_normalize,
-    project_l2,
-    project_linf,
+    LogitsFn,
+    loop,
+    per_example,
+    project,
+    random_init,
     ranked_targets,
+    steepest_direction,
 )
-from apart_jax.attacks.losses import cross_entropy, dlr_loss, targeted_dlr_loss
-
-LogitsFn = Callable[[jax.Array], jax.Array]
-APGD_LOSSES = ("ce", "dlr", "targeted_dlr")
+from apart_jax.attacks.losses import attack_loss
 
 
 def apgd_checkpoints(steps: int) -> tuple[tuple[int, int], ...]:
@@ -70,39 +68,6 @@ def apgd_checkpoints(steps: int) -> tuple[tuple[int, int], ...]:
     return tuple(table)
 
 
-def _per_example(v: jax.Array, x: jax.Array) -> jax.Array:
-    """Reshapes a per-example vector (B,) to broadcast against ``x`` (B, ...)."""
-    return v.reshape((-1,) + (1,) * (x.ndim - 1))
-
-
-def _project(x_adv: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
-    return project_linf(x_adv, x, eps) if norm == "linf" else project_l2(x_adv, x, eps)
-
-
-def _random_start(key: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
-    """The reference start: a random direction scaled to L-inf (or L2) norm eps, clipped."""
-    if norm == "linf":
-        t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
-        scale = jnp.max(jnp.abs(t.reshape(x.shape[0], -1)), axis=-1)
-    else:
-        t = jax.random.normal(key, x.shape, x.dtype)
-        scale = l2_norm(t)
-    return jnp.clip(x + eps * t / _per_example(scale + 1e-12, x), 0.0, 1.0)
-
-
-def _objective(loss: str, logits: jax.Array, y: jax.Array, targets: jax.Array | None):
-    classes = logits.shape[-1]
-    if loss == "ce":
-        return cross_entropy(logits, y)
-    if loss == "dlr":
-        if classes < 3:
-            raise ValueError(f"loss='dlr' needs logits with K >= 3 classes, got K={classes}")
-        return dlr_loss(logits, y)
-    if classes < 4:
-        raise ValueError(f"loss='targeted_dlr' needs logits with K >= 4 classes, got K={classes}")
-    return targeted_dlr_loss(logits, y, targets)
-
-
 class _State(NamedTuple):
     x_adv: jax.Array  # the current iterate x_k
     x_prev: jax.Array  # the iterate at the start of the previous step (for the momentum)
@@ -125,13 +90,13 @@ def _apgd_run(logits_fn, x, y, targets, key, *, eps, norm, loss, steps, rho, mom
     def loss_and_grad(x_adv):
         def total(x_adv):
             logits = logits_fn(x_adv)
-            losses = _objective(loss, logits, y, targets)
+            losses = attack_loss(loss, logits, y, targets)
             return jnp.sum(losses), (losses, logits)
 
         (_, (losses, logits)), grad = jax.value_and_grad(total, has_aux=True)(x_adv)
         return losses, jnp.argmax(logits, axis=-1) != y, grad
 
-    x0 = _random_start(key, x, eps, norm)
+    x0 = random_init(key, x, eps, norm, on_sphere=True)
     losses0, wrong0, grad0 = loss_and_grad(x0)
     state = _State(
         x_adv=x0,
@@ -156,16 +121,16 @@ def _apgd_run(logits_fn, x, y, targets, key, *, eps, norm, loss, steps, rho, mom
 
     def body(i, s: _State) -> _State:
         alpha = jnp.where(i > 0, momentum, 1.0).astype(x.dtype)
-        direction = jnp.sign(s.grad) if norm == "linf" else l2_normalize(s.grad)
-        z = _project(s.x_adv + _per_example(s.step, x) * direction, x, eps, norm)
-        x_new = _project(
+        direction = steepest_direction(s.grad, norm)
+        z = project(s.x_adv + per_example(s.step, x) * direction, x, eps, norm)
+        x_new = project(
             s.x_adv + alpha * (z - s.x_adv) + (1.0 - alpha) * (s.x_adv - s.x_prev), x, eps, norm
         )
         losses, wrong, grad = loss_and_grad(x_new)
-        x_best_adv = jnp.where(_per_example(wrong, x), x_new, s.x_best_adv)
+        x_best_adv = jnp.where(per_example(wrong, x), x_new, s.x_best_adv)
         improved = losses > s.loss_best
-        x_best = jnp.where(_per_example(improved, x), x_new, s.x_best)
-        grad_best = jnp.where(_per_example(improved, x), grad, s.grad_best)
+        x_best = jnp.where(per_example(improved, x), x_new, s.x_best)
+        grad_best = jnp.where(per_example(improved, x), grad, s.grad_best)
         loss_best = jnp.where(improved, losses, s.loss_best)
         successes = s.successes + (losses > s.loss_prev).astype(jnp.int32)
 
@@ -177,9 +142,9 @@ def _apgd_run(logits_fn, x, y, targets, key, *, eps, norm, loss, steps, rho, mom
         reduce = oscillating | stalled
         halve = check & reduce
         return _State(
-            x_adv=jnp.where(_per_example(halve, x), x_best, x_new),
+            x_adv=jnp.where(per_example(halve, x), x_best, x_new),
             x_prev=s.x_adv,
-            grad=jnp.where(_per_example(halve, x), grad_best, grad),
+            grad=jnp.where(per_example(halve, x), grad_best, grad),
             step=jnp.where(halve, 0.5 * s.step, s.step),
             loss_prev=losses,
             successes=jnp.where(check, 0, successes),
@@ -192,7 +157,7 @@ def _apgd_run(logits_fn, x, y, targets, key, *, eps, norm, loss, steps, rho, mom
             reduced_last_check=jnp.where(check, reduce, s.reduced_last_check),
         )
 
-    s = jax.lax.fori_loop(0, steps, body, state, unroll=unroll)
+    s = loop(steps, body, state, unroll, "apgd")
     return s.x_best, s.loss_best, s.x_best_adv, s.fooled
 
 
@@ -202,9 +167,9 @@ def _merge(best, x_best, loss_best, x_best_adv, fooled):
     take_adv = ~fooled_out & fooled
     take_best = ~fooled_out & ~fooled & (loss_best > loss_out)
     x_out = jnp.where(
-        _per_example(take_adv, x_out),
+        per_example(take_adv, x_out),
         x_best_adv,
-        jnp.where(_per_example(take_best, x_out), x_best, x_out),
+        jnp.where(per_example(take_best, x_out), x_best, x_out),
     )
     loss_out = jnp.where(take_best, loss_best, loss_out).astype(loss_out.dtype)
     return x_out, fooled_out | fooled, loss_out
@@ -221,14 +186,6 @@ def _apgd_restarts(logits_fn, x, y, targets, key, best, *, restarts, **kwargs):
     return best
 
 
-def _check_apgd_args(rho, momentum, unroll):
-    if not 0.0 < rho <= 1.0:
-        raise ValueError(f"rho must be in (0, 1], got {rho}")
-    if not 0.0 < momentum <= 1.0:
-        raise ValueError(f"momentum must be in (0, 1], got {momentum}")
-    check_unroll(unroll)
-
-
 def apgd(
     logits_fn: LogitsFn,
     x: jax.Array,
@@ -243,7 +200,7 @@ def apgd(
     targets: jax.Array | None = None,
     rho: float = 0.75,
     momentum: float = 0.75,
-    unroll: int | bool = 1,
+    unroll: bool | int | None = None,
 ) -> jax.Array:
     """APGD (Croce & Hein 2020): step-size-free PGD with momentum (see the module docstring).
 
@@ -254,14 +211,15 @@ def apgd(
         (so the first runs of ``restarts=n`` are those of ``restarts=n-1``).
       eps: radius, in (0, 1] for L-inf, positive for L2.
       norm: "linf" or "l2".
-      loss: "ce" (cross-entropy), "dlr" (needs K >= 3) or "targeted_dlr" (needs K >= 4 and
-        ``targets``).
+      loss: "ce" (cross-entropy), "margin" or "dlr" (needs K >= 3; targeted K >= 4); see
+        ``attack_loss``.
       steps: iterations per run (static int >= 1); restarts: independent runs (>= 1).
-      targets: target labels (B,) int, for ``loss="targeted_dlr"`` only.
+      targets: target labels (B,) int: the attack is targeted (the targeted DLR for "dlr")
+        iff given.
       rho: condition 1 halves the step size when at most ``rho`` of the steps since the last
         checkpoint raised the loss. momentum: the weight alpha of the new step.
-      unroll: ``unroll`` of the ``lax.fori_loop`` over the iterations: a positive int, or a
-        bool (``True`` unrolls the loop fully, ``False`` is 1).
+      unroll: the loop form over the iterations (``loop`` in :mod:`apart_jax.attacks.core`);
+        None: the fastest on the backend.
 
     Returns:
       Adversarial inputs, same shape and dtype as ``x``: per example a misclassified point
@@ -280,40 +238,22 @@ def apgd(
         targets=targets,
         eps=eps,
         norm=norm,
+        loss=loss,
+        unroll=unroll,
         steps=steps,
         restarts=restarts,
     )
-    _check_apgd_args(rho, momentum, unroll)
-    if loss not in APGD_LOSSES:
-        raise ValueError(f"loss must be one of {APGD_LOSSES}, got {loss!r}")
-    if loss == "targeted_dlr":
-        if targets is None:
-            raise ValueError("loss='targeted_dlr' needs targets (B,) int target labels")
-        if jnp.shape(targets) != jnp.shape(y):
-            raise ValueError(f"targets must have the shape {jnp.shape(y)} of y")
-    elif targets is not None:
-        raise ValueError(f"targets are only used with loss='targeted_dlr', not {loss!r}")
+    check_interval("rho", rho, "(0, 1]")
+    check_interval("momentum", momentum, "(0, 1]")
     best = (x, jnp.zeros(y.shape, bool), jnp.full(y.shape, -jnp.inf, jnp.float32))
     x_adv, _, _ = _apgd_restarts(
-        logits_fn,
-        x,
-        y,
-        targets,
-        key,
-        best,
-        restarts=restarts,
-        eps=eps,
-        norm=norm,
-        loss=loss,
-        steps=steps,
-        rho=rho,
-        momentum=momentum,
-        unroll=unroll,
-    )
+        logits_fn, x, y, targets, key, best, restarts=restarts, eps=eps, norm=norm, loss=loss,
+        steps=steps, rho=rho, momentum=momentum, unroll=unroll,
+    )  # fmt: skip
     return x_adv
 
 
-def apgd_targeted(
+def apgd_t(
     logits_fn: LogitsFn,
     x: jax.Array,
     y: jax.Array,
@@ -324,14 +264,14 @@ def apgd_targeted(
     steps: int = 100,
     n_target_classes: int = 9,
     restarts: int = 1,
-    unroll: int | bool = 1,
+    unroll: bool | int | None = None,
 ) -> jax.Array:
-    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, for several target classes.
+    """APGD-T (Croce & Hein 2020): targeted APGD on the DLR loss towards each ranked class.
 
     For target rank t = 2, ..., n_target_classes + 1, each example's target is its class with
-    the t-th largest clean logit, and :func:`apgd` runs with ``loss="targeted_dlr"`` (rank t
-    uses ``fold_in(key, t)`` as its key). As in the reference, an example misclassified at
-    the clean point keeps ``x``.
+    the t-th largest clean logit, and :func:`apgd` runs with ``loss="dlr"`` and these
+    ``targets`` (rank t uses ``fold_in(key, t)`` as its key). As in the reference, an example
+    misclassified at the clean point keeps ``x``.
 
     Args:
       logits_fn: inputs (B, ...) in [0, 1] -> logits (B, K), K >= 4.
@@ -350,34 +290,28 @@ def apgd_targeted(
     backward passes through ``logits_fn``.
     """
     check_attack_inputs(
-        x, y, key=key, logits_fn=logits_fn, eps=eps, norm=norm, steps=steps, restarts=restarts
+        x,
+        y,
+        key=key,
+        logits_fn=logits_fn,
+        eps=eps,
+        norm=norm,
+        loss="dlr",
+        targeted=True,
+        unroll=unroll,
+        steps=steps,
+        restarts=restarts,
     )
-    _check_apgd_args(0.75, 0.75, unroll)
     clean_logits = logits_fn(x)
-    classes = clean_logits.shape[-1]
-    if classes < 4:
-        raise ValueError(f"apgd_targeted needs logits with K >= 4 classes, got K={classes}")
     targets = ranked_targets(clean_logits, n_target_classes)  # (n_target_classes, B)
     ranks = jnp.arange(2, n_target_classes + 2)
 
     def one_target(best, rank_and_targets):
         rank, targets_t = rank_and_targets
         best = _apgd_restarts(
-            logits_fn,
-            x,
-            y,
-            targets_t,
-            jax.random.fold_in(key, rank),
-            best,
-            restarts=restarts,
-            eps=eps,
-            norm=norm,
-            loss="targeted_dlr",
-            steps=steps,
-            rho=0.75,
-            momentum=0.75,
-            unroll=unroll,
-        )
+            logits_fn, x, y, targets_t, jax.random.fold_in(key, rank), best, restarts=restarts,
+            eps=eps, norm=norm, loss="dlr", steps=steps, rho=0.75, momentum=0.75, unroll=unroll,
+        )  # fmt: skip
         return best, None
 
     clean_wrong = jnp.argmax(clean_logits, axis=-1) != y

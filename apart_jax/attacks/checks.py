@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apart_jax.attacks.losses import LOSSES
+
 NORMS = ("linf", "l2")
 
 
@@ -46,12 +48,30 @@ def check_positive_int(name: str, value: object) -> None:
 
 
 def check_unroll(unroll: object) -> None:
-    """Raises ValueError unless ``unroll`` is a bool or a positive int (``lax.fori_loop``'s)."""
-    if not isinstance(unroll, bool) and (not isinstance(unroll, numbers.Integral) or unroll < 1):
-        raise ValueError(f"unroll must be a positive int or a bool, got {describe(unroll)}")
+    """Raises ValueError unless ``unroll`` is None, a bool or a positive int (see ``loop``)."""
+    if unroll is None or isinstance(unroll, bool):
+        return
+    if not isinstance(unroll, numbers.Integral) or unroll < 1:
+        raise ValueError(f"unroll must be None, a bool or a positive int, got {describe(unroll)}")
 
 
-def _static_number(name: str, value: Any) -> float | None:
+def check_interval(name: str, value: Any, interval: str) -> None:
+    """Raises ValueError naming ``name`` unless the number ``value`` lies in ``interval``.
+
+    ``interval`` is written as in the message, "(0, 1]", "[0, 1]" or "(0, inf)": a bracket
+    includes its bound, a parenthesis excludes it. A JAX array (maybe traced) is not read.
+    """
+    number = _static_number(name, value, f"a number in {interval}")
+    if number is None:
+        return
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = number > low if interval[0] == "(" else number >= low
+    below = number < high if interval[-1] == ")" else number <= high
+    if not (above and below):
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def _static_number(name: str, value: Any, what: str = "a positive number") -> float | None:
     """``value`` as a float if it is a Python (or NumPy) number; None for a JAX array."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
@@ -59,7 +79,7 @@ def _static_number(name: str, value: Any) -> float | None:
         return float(value)
     if isinstance(value, jax.Array) and value.ndim == 0:
         return None  # maybe traced: its value is not read
-    raise ValueError(f"{name} must be a positive number, got {describe(value)}")
+    raise ValueError(f"{name} must be {what}, got {describe(value)}")
 
 
 @functools.cache
@@ -97,6 +117,18 @@ def _check_labels(name: str, labels: Any, x: Any) -> None:
         )
 
 
+def _check_loss(loss: Any, classes: int | None, targeted: bool) -> None:
+    """The loss name, and whether K = ``classes`` suffices for it (None: K unknown)."""
+    if not (isinstance(loss, str) and loss in LOSSES):
+        raise ValueError(f"loss must be one of {LOSSES}, got {describe(loss)}")
+    needed = (4 if targeted else 3) if loss == "dlr" else 2
+    if classes is not None and classes < needed:
+        kind = "targeted " if targeted else ""
+        raise ValueError(
+            f"{kind}loss={loss!r} needs logits with K >= {needed} classes, got K={classes}"
+        )
+
+
 def check_attack_inputs(
     x: Any = UNSET,
     y: Any = UNSET,
@@ -107,6 +139,9 @@ def check_attack_inputs(
     eps: Any = UNSET,
     step_size: Any = UNSET,
     norm: Any = UNSET,
+    loss: Any = UNSET,
+    targeted: bool | None = None,
+    unroll: Any = UNSET,
     images: bool = False,
     allow_empty: bool = False,
     logits_fn_name: str = "logits_fn",
@@ -125,6 +160,9 @@ def check_attack_inputs(
       step_size: positive. A JAX array ``eps`` or ``step_size`` (maybe traced) is not
         checked: only Python and NumPy numbers are.
       norm: one of :data:`NORMS`.
+      loss: one of :data:`~apart_jax.attacks.losses.LOSSES`; "dlr" needs K >= 3, or K >= 4
+        when targeted. targeted: whether the loss is targeted (default: ``targets`` given).
+      unroll: None, a bool or a positive int (:func:`check_unroll`).
       images: x must be 4-D. allow_empty: accept B == 0.
       logits_fn_name: how messages name ``logits_fn``.
       **positive_ints: static positive ints by name, for example ``steps=steps``.
@@ -143,6 +181,11 @@ def check_attack_inputs(
             raise ValueError(f"step_size must be a positive number, got {step_size}")
     for name, value in positive_ints.items():
         check_positive_int(name, value)
+    if unroll is not UNSET:
+        check_unroll(unroll)
+    targeted = targets is not None if targeted is None else targeted
+    if loss is not UNSET:
+        _check_loss(loss, None, targeted)
     if x is UNSET:
         return
     shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
@@ -193,3 +236,5 @@ def check_attack_inputs(
                 f"{logits_fn_name} must return floating logits of shape ({batch}, K) with K >= 2 "
                 f"for x of shape {tuple(shape)}, got {describe(out)}"
             )
+        if loss is not UNSET:
+            _check_loss(loss, out_shape[1], targeted)

@@ -7,27 +7,24 @@ at each step it linearizes the decision boundary between the true class and a ta
 current point and the original point onto that hyperplane intersected with the box [0, 1],
 and moves to a biased combination of the two projections, extrapolated by ``eta``. A point
 that is adversarial is recorded if it beats the best norm so far and is then pulled back
-toward the original by ``beta``. :func:`fab_targeted` is FAB-T, the targeted version that
+toward the original by ``beta``. :func:`fab_t` is FAB-T, the targeted version that
 AutoAttack runs, over the target classes ranked 2 .. n_target_classes + 1 by clean logit.
 
-Conventions as in :mod:`apart_jax.attacks`: ``logits_fn(x) -> logits`` with inputs (B, ...)
-in [0, 1] and logits (B, K); integer labels ``y`` (B,); explicit PRNG key; the result has the
-shape and dtype of ``x``, lies in [0, 1] and in the ``norm`` ball of radius ``eps`` around
-``x``. A returned point differs from ``x`` only where FAB found a misclassified point of
-norm <= eps (FAB reports only successes within eps); everywhere else it is ``x`` itself.
+The convention of every attack (:mod:`apart_jax.attacks.core`): ``attack(logits_fn, x, y,
+key, *, eps, ...)``; the result has the shape and dtype of ``x``, lies in [0, 1] and in the
+``norm`` ball of radius ``eps`` around ``x``. A returned point differs from ``x`` only where
+FAB found a misclassified point of norm <= eps (FAB reports only successes within eps);
+everywhere else it is ``x`` itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+import chex
 import jax
 import jax.numpy as jnp
 
-from apart_jax.attacks.checks import check_attack_inputs, check_unroll
-from apart_jax.attacks.core import ranked_targets
-
-LogitsFn = Callable[[jax.Array], jax.Array]
+from apart_jax.attacks.checks import check_attack_inputs, check_interval
+from apart_jax.attacks.core import LogitsFn, loop, random_init, ranked_targets
 
 #: Floor on the norms of the two projection steps in the bias weight (reference value).
 _MIN_STEP_NORM = 1e-8
@@ -63,8 +60,10 @@ def hyperplane_box_projection(
     Returns:
       The step ``d`` (B, n); ``points + d`` lies in [0, 1].
     """
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be one of ('linf', 'l2'), got {norm!r}")
+    check_attack_inputs(norm=norm)
+    chex.assert_rank([points, w, b], [2, 2, 1])
+    chex.assert_equal_shape([points, w])
+    chex.assert_equal_shape_prefix([points, b], 1)
     n = points.shape[1]
     gap = jnp.sum(w * points, axis=1) - b
     # Orient the problem so that w . z must decrease by `need` >= 0.
@@ -151,17 +150,6 @@ def _boundary(logits, vjp_fn, x_lin, x1, y, targets, norm):
     return best_w, best_b
 
 
-def _random_start(key, x0, radius, norm):
-    """A random point on the ``norm`` sphere of radius ``radius`` (B,) around x0, in [0, 1]."""
-    if norm == "linf":
-        t = jax.random.uniform(key, x0.shape, x0.dtype, -1.0, 1.0)
-        t = t / jnp.maximum(jnp.max(jnp.abs(t), axis=1, keepdims=True), 1e-12)
-    else:
-        t = jax.random.normal(key, x0.shape, x0.dtype)
-        t = t / jnp.maximum(jnp.sqrt(jnp.sum(t * t, axis=1, keepdims=True)), 1e-12)
-    return jnp.clip(x0 + radius[:, None] * t, 0.0, 1.0)
-
-
 def _fab_search(
     logits_fn, x, y, key, targets, *, eps, norm, steps, restarts, alpha_max, eta, beta, unroll
 ):
@@ -191,7 +179,9 @@ def _fab_search(
             x_start = x0
         else:
             radius = 0.5 * jnp.minimum(best_norm, eps)
-            x_start = _random_start(jax.random.fold_in(key, restart), x0, radius, norm)
+            x_start = random_init(
+                jax.random.fold_in(key, restart), x0, radius, norm, on_sphere=True
+            )
 
         def body(k, state, check_start=restart == 0):
             x1, best, best_norm = state
@@ -216,9 +206,7 @@ def _fab_search(
             x1 = jnp.clip((x1 + eta * d1) * (1.0 - alpha) + (x0 + eta * d2) * alpha, 0.0, 1.0)
             return x1, best, best_norm
 
-        x1, best, best_norm = jax.lax.fori_loop(
-            0, steps, body, (x_start, best, best_norm), unroll=unroll
-        )
+        x1, best, best_norm = loop(steps, body, (x_start, best, best_norm), unroll, "fab")
         logits = logits_fn(x1.reshape(shape))
         _, best, best_norm = record(x1, logits, best, best_norm, True)
     return best, best_norm
@@ -229,16 +217,6 @@ def _finish(x, best, best_norm, eps):
     ok = best_norm <= eps
     flat = x.reshape(x.shape[0], -1)
     return jnp.where(ok[:, None], best, flat).reshape(x.shape).astype(x.dtype)
-
-
-def _check_fab_args(alpha_max, eta, beta, unroll):
-    if not 0.0 <= alpha_max <= 1.0:
-        raise ValueError(f"alpha_max must be in [0, 1], got {alpha_max}")
-    if not eta > 0.0:
-        raise ValueError(f"eta must be positive, got {eta}")
-    if not 0.0 < beta <= 1.0:
-        raise ValueError(f"beta must be in (0, 1], got {beta}")
-    check_unroll(unroll)
 
 
 def fab(
@@ -255,7 +233,7 @@ def fab(
     alpha_max: float = 0.1,
     eta: float = 1.05,
     beta: float = 0.9,
-    unroll: int | bool = 1,
+    unroll: bool | int | None = None,
 ) -> jax.Array:
     """FAB (Croce & Hein, ICML 2020): the smallest-norm adversarial point it finds, within eps.
 
@@ -298,7 +276,8 @@ def fab(
       alpha_max: cap on the weight of the projection from the original point, in [0, 1].
       eta: extrapolation factor of the projection steps (> 0; 1.05 in the paper).
       beta: pull-back factor towards ``x`` for adversarial points, in (0, 1].
-      unroll: ``unroll`` argument of the step ``lax.fori_loop`` (bool or positive int).
+      unroll: the loop form over the steps (``loop`` in :mod:`apart_jax.attacks.core`);
+        None: the fastest on the backend.
 
     Returns:
       ``x_adv`` of the shape and dtype of ``x``: per example the smallest-norm misclassified
@@ -313,10 +292,13 @@ def fab(
         targets=targets,
         eps=eps,
         norm=norm,
+        unroll=unroll,
         steps=steps,
         restarts=restarts,
     )
-    _check_fab_args(alpha_max, eta, beta, unroll)
+    check_interval("alpha_max", alpha_max, "[0, 1]")
+    check_interval("eta", eta, "(0, inf)")
+    check_interval("beta", beta, "(0, 1]")
     best, best_norm = _fab_search(
         logits_fn,
         x,
@@ -335,7 +317,7 @@ def fab(
     return _finish(x, best, best_norm, eps)
 
 
-def fab_targeted(
+def fab_t(
     logits_fn: LogitsFn,
     x: jax.Array,
     y: jax.Array,
@@ -346,7 +328,7 @@ def fab_targeted(
     steps: int = 100,
     n_target_classes: int = 9,
     restarts: int = 1,
-    unroll: int | bool = 1,
+    unroll: bool | int | None = None,
 ) -> jax.Array:
     """FAB-T, AutoAttack's targeted FAB (Croce & Hein 2020): targeted :func:`fab` per rank.
 
@@ -372,9 +354,16 @@ def fab_targeted(
       point over all targets if its norm is <= eps, else ``x``.
     """
     check_attack_inputs(
-        x, y, key=key, logits_fn=logits_fn, eps=eps, norm=norm, steps=steps, restarts=restarts
+        x,
+        y,
+        key=key,
+        logits_fn=logits_fn,
+        eps=eps,
+        norm=norm,
+        unroll=unroll,
+        steps=steps,
+        restarts=restarts,
     )
-    _check_fab_args(0.1, 1.05, 0.9, unroll)
     targets_by_rank = ranked_targets(logits_fn(x), n_target_classes)  # (n, B)
     batch = x.shape[0]
 

@@ -50,3 +50,26 @@ def targeted_dlr_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) 
     ordered = jnp.sort(logits, axis=-1)[:, ::-1]
     denominator = ordered[:, 0] - 0.5 * (ordered[:, 2] + ordered[:, 3]) + 1e-12
     return (_true_logit(logits, targets) - _true_logit(logits, labels)) / denominator
+
+
+#: The losses an attack can maximize, by name (see :func:`attack_loss`).
+LOSSES = ("ce", "margin", "dlr")
+
+
+def attack_loss(
+    name: str, logits: jax.Array, labels: jax.Array, targets: jax.Array | None = None
+) -> jax.Array:
+    """The per-example loss ``name`` (one of :data:`LOSSES`) that an attack maximizes (B,).
+
+    Untargeted (``targets`` None): "ce" cross-entropy, "margin" the C&W margin, "dlr" the DLR
+    loss (needs K >= 3). Targeted (``targets`` (B,) int): "ce" minus the cross-entropy of the
+    target, "margin" minus the target's margin (target logit minus the largest other), "dlr"
+    the targeted DLR (needs K >= 4). Names and K are checked by ``check_attack_inputs``.
+    """
+    if targets is None:
+        return {"ce": cross_entropy, "margin": margin_loss, "dlr": dlr_loss}[name](logits, labels)
+    if name == "ce":
+        return -cross_entropy(logits, targets)
+    if name == "margin":
+        return -margin_loss(logits, targets)
+    return targeted_dlr_loss(logits, labels, targets)

@@ -11,7 +11,7 @@ iterations skip their forward pass (the reference stops there too).
 This follows the authors' reference implementation (github.com/max-andr/square-attack, also
 AutoAttack's ``square.py``) with fixed shapes for ``jit``: squares are applied through masks
 built from iota comparisons, the side length comes from a static per-iteration table, and the
-loop is a ``lax.fori_loop``. Differences, all deliberate:
+loop is the attacks' shared ``loop``. Differences, all deliberate:
 
 * The square's corner is uniform over all ``H - s + 1`` (``W - s + 1``) positions; the
   reference draws ``randint(0, H - s)``, which never reaches the last row and column.
@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apart_jax.attacks.checks import check_attack_inputs, check_unroll
-from apart_jax.attacks.core import LogitsFn, l2_norm
+from apart_jax.attacks.checks import check_attack_inputs, check_interval
+from apart_jax.attacks.core import LogitsFn, l2_norm, loop
 from apart_jax.attacks.losses import margin_loss
 
 #: Iterations (on the reference's 10,000-query scale) after which ``p`` halves.
@@ -242,7 +242,7 @@ def square(
     norm: str = "linf",
     queries: int = 5000,
     p_init: float = 0.8,
-    unroll: int | bool = 1,
+    unroll: bool | int | None = None,
 ) -> jax.Array:
     """Square Attack (Andriushchenko et al., ECCV 2020), untargeted, on the margin loss.
 
@@ -270,18 +270,26 @@ def square(
       norm: "linf" or "l2".
       queries: forward passes allowed, a positive int (static); ``queries - 1`` iterations.
       p_init: initial fraction of pixels in a square, in (0, 1]; AutoAttack uses 0.8.
-      unroll: ``lax.fori_loop``'s unroll factor for the iterations (int >= 1 or bool).
+      unroll: the loop form over the iterations (``loop`` in :mod:`apart_jax.attacks.core`);
+        None: the fastest on the backend (never ``True`` for thousands of queries: the
+        program would hold every iteration).
 
     Returns:
       Per example the lowest-margin point queried (the first misclassified one, if any),
       same shape and dtype as ``x``, inside the eps-ball around ``x`` and inside [0, 1].
     """
     check_attack_inputs(
-        x, y, key=key, logits_fn=logits_fn, eps=eps, norm=norm, images=True, queries=queries
+        x,
+        y,
+        key=key,
+        logits_fn=logits_fn,
+        eps=eps,
+        norm=norm,
+        unroll=unroll,
+        images=True,
+        queries=queries,
     )
-    if not 0.0 < p_init <= 1.0:
-        raise ValueError(f"p_init must be in (0, 1], got {p_init}")
-    check_unroll(unroll)
+    check_interval("p_init", p_init, "(0, 1]")
     x = jnp.asarray(x)
     height, width = x.shape[1:3]
 
@@ -327,5 +335,5 @@ def square(
         return jax.lax.cond(jnp.any(carry[1] > 0), lambda c: step(i, c), lambda c: c, carry)
 
     carry = (x_best, margin(x_best))
-    x_best, _ = jax.lax.fori_loop(0, queries - 1, body, carry, unroll=unroll)
+    x_best, _ = loop(queries - 1, body, carry, unroll, "square")
     return x_best

@@ -18,18 +18,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apart_jax.attacks.apgd import apgd, apgd_targeted
+from apart_jax.attacks.apgd import apgd, apgd_t
+from apart_jax.attacks.batching import ApplyFn, Attack, attack_in_batches, predict
 from apart_jax.attacks.checks import check_attack_inputs
-from apart_jax.attacks.core import cw_linf, fgsm, pgd
+from apart_jax.attacks.core import fgsm, pgd
 from apart_jax.attacks.counting import PassCount, counting
-from apart_jax.attacks.evaluation import ApplyFn, Attack, attack_in_batches, predict
-from apart_jax.attacks.fab import fab_targeted
+from apart_jax.attacks.fab import fab_t
 from apart_jax.attacks.square import square
 
 PyTree = Any
 
 #: The standard AutoAttack, for L-inf and L2 alike.
 AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+#: The names :func:`make_attack` knows.
+ATTACK_NAMES = ("fgsm", "pgd20", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 
 
 def make_attack(name: str, *, eps: float, norm: str = "linf") -> Attack:
@@ -38,33 +41,32 @@ def make_attack(name: str, *, eps: float, norm: str = "linf") -> Attack:
     Names: "fgsm"; "pgd20" (20 steps of eps/4, one random start); "cw" (PGD-20 on the C&W
     margin, L-inf); "apgd-ce", "apgd-dlr" (100 iterations); "apgd-t" (APGD on the targeted
     DLR loss, 9 target classes, 100 iterations); "fab-t" (9 target classes, 100
-    iterations); "square" (5,000 queries). These are AutoAttack's standard settings.
+    iterations); "square" (5,000 queries). These are AutoAttack's standard settings. The
+    same arguments give the same callable, so the batch runners compile it once.
     """
-    pgd_steps = dict(eps=eps, step_size=eps / 4, steps=20)
-    attacks = {
-        "fgsm": lambda: _keyless(functools.partial(fgsm, eps=eps)),
-        "pgd20": lambda: functools.partial(pgd, norm=norm, **pgd_steps),
-        "cw": lambda: functools.partial(cw_linf, **pgd_steps),
-        "apgd-ce": lambda: functools.partial(apgd, eps=eps, norm=norm, loss="ce"),
-        "apgd-dlr": lambda: functools.partial(apgd, eps=eps, norm=norm, loss="dlr"),
-        "apgd-t": lambda: functools.partial(apgd_targeted, eps=eps, norm=norm),
-        "fab-t": lambda: functools.partial(fab_targeted, eps=eps, norm=norm),
-        "square": lambda: functools.partial(square, eps=eps, norm=norm, queries=5000),
-    }
-    if name not in attacks:
-        raise ValueError(f"unknown attack {name!r}; choose from {sorted(attacks)}")
+    if name not in ATTACK_NAMES:
+        raise ValueError(f"unknown attack {name!r}; choose from {sorted(ATTACK_NAMES)}")
     if norm != "linf" and name in ("fgsm", "cw"):
         raise ValueError(f"attack {name!r} is L-inf only, got norm={norm!r}")
     check_attack_inputs(eps=eps, norm=norm)
-    return attacks[name]()
+    return _standard_attack(name, float(eps), norm)
 
 
-def _keyless(attack):
-    def run(logits_fn, x, y, key):
-        check_attack_inputs(x, key=key)  # the key is unused, but the interface takes one
-        return attack(logits_fn, x, y)
-
-    return run
+@functools.cache
+def _standard_attack(name: str, eps: float, norm: str) -> Attack:
+    """:func:`make_attack`'s callables, one per (name, eps, norm) for the process."""
+    partial = functools.partial
+    pgd20 = partial(pgd, eps=eps, step_size=eps / 4, steps=20, norm=norm)
+    return {
+        "fgsm": partial(fgsm, eps=eps),
+        "pgd20": pgd20,
+        "cw": partial(pgd20, loss="margin"),
+        "apgd-ce": partial(apgd, eps=eps, norm=norm, loss="ce"),
+        "apgd-dlr": partial(apgd, eps=eps, norm=norm, loss="dlr"),
+        "apgd-t": partial(apgd_t, eps=eps, norm=norm),
+        "fab-t": partial(fab_t, eps=eps, norm=norm),
+        "square": partial(square, eps=eps, norm=norm, queries=5000),
+    }[name]
 
 
 def measure_passes(
@@ -117,21 +119,28 @@ def run_suite(
     y: np.ndarray,
     key: jax.Array,
     *,
-    attacks: Sequence[str],
     eps: float,
     norm: str = "linf",
+    attacks: Sequence[str] = AUTOATTACK,
     batch_size: int = 500,
     progress: bool = False,
 ) -> SuiteResult:
     """Runs ``attacks`` (names for :func:`make_attack`) in order, each on the still-robust points.
 
+    The default is AutoAttack (:data:`AUTOATTACK`: APGD-CE, APGD-T, FAB-T, Square), the
+    standard version for L-inf (eps 8/255 on CIFAR-10) and L2 (eps 0.5).
+
     Args:
       apply_fn, variables: the model, ``apply_fn(variables, x) -> logits`` (B, K).
       x: inputs (N, ...) in [0, 1]; y: labels (N,) int.
       key: PRNG key; stage s uses ``fold_in(key, s)``.
-      attacks: attack names, for example :data:`AUTOATTACK`.
+      attacks: attack names.
       eps, norm: the threat model; batch_size: points per compiled batch.
-      progress: show a progress bar per attack with the number of points still robust.
+      progress: show a progress bar per attack with the number of points still robust (one
+        line per attack when the output is not a terminal).
+
+    Compilations: one for the clean predictions and one per attack that has points to
+    attack, each reused by later calls with the same model, settings and batch shapes.
     """
     if isinstance(attacks, str):
         raise ValueError(f"attacks must be a sequence of attack names, got the string {attacks!r}")
@@ -156,18 +165,11 @@ def run_suite(
         start = time.perf_counter()
         todo = np.flatnonzero(robust)
         desc = f"{name} ({len(todo)} robust)"
-        found = attack_in_batches(
-            apply_fn,
-            variables,
-            attack,
-            x[todo],
-            y[todo],
-            jax.random.fold_in(key, s),
-            batch_size=batch_size,
-            desc=desc,
-            progress=progress,
-        )
-        fooled = predict(apply_fn, variables, found, batch_size=batch_size) != y[todo]
+        found, predicted = attack_in_batches(
+            apply_fn, variables, attack, x[todo], y[todo], jax.random.fold_in(key, s),
+            batch_size=batch_size, desc=desc, progress=progress, predictions=True,
+        )  # fmt: skip
+        fooled = predicted != y[todo]
         x_adv[todo[fooled]] = found[fooled]
         robust[todo[fooled]] = False
         stages.append(
@@ -180,35 +182,3 @@ def run_suite(
             )
         )
     return SuiteResult(clean_accuracy, float(np.mean(robust)), robust, x_adv, stages)
-
-
-def autoattack(
-    apply_fn: ApplyFn,
-    variables: PyTree,
-    x: np.ndarray,
-    y: np.ndarray,
-    key: jax.Array,
-    *,
-    eps: float,
-    norm: str = "linf",
-    attacks: Sequence[str] = AUTOATTACK,
-    batch_size: int = 500,
-    progress: bool = False,
-) -> SuiteResult:
-    """AutoAttack: APGD-CE, APGD-T, FAB-T and Square in turn, each on the still-robust points.
-
-    The standard version for L-inf (eps 8/255 on CIFAR-10) and L2 (eps 0.5); ``attacks``
-    replaces the list (any names of :func:`make_attack`). See :func:`run_suite`.
-    """
-    return run_suite(
-        apply_fn,
-        variables,
-        x,
-        y,
-        key,
-        attacks=attacks,
-        eps=eps,
-        norm=norm,
-        batch_size=batch_size,
-        progress=progress,
-    )

@@ -11,7 +11,8 @@ A method is an object with
   inputs the weights were fitted to}``.
 
 All forward passes inside a training step run BN in training mode and, as PyTorch does,
-update the BN running statistics, attack passes included.
+update the BN running statistics, attack passes included. The methods' steps are described
+in docs/algorithm.md#methods.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from apart_jax.attacks import cross_entropy, gradient_ascent, uniform_start
+from apart_jax.attacks import cross_entropy, gradient_ascent, random_init
 from apart_jax.models.perturbation import SITES
 from apart_jax.state import StepContext, StepInputs, TrainState
 
@@ -128,7 +129,7 @@ class AttackThenDescend:
             grad, new_stats = jax.grad(loss_fn, has_aux=True)(x_adv)
             return grad, new_stats
 
-        x_start = uniform_start(inputs.key, x, ctx.eps) if self.random_start else x
+        x_start = random_init(inputs.key, x, ctx.eps, "linf") if self.random_start else x
         x_adv, batch_stats = gradient_ascent(
             grad_fn,
             x,

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apart_jax.attacks import fgsm, pgd
-from apart_jax.attacks.evaluation import (
+from apart_jax.attacks import (
     attack_in_batches,
     check_perturbation,
+    fgsm,
+    pgd,
     predict,
     robust_accuracy,
 )
@@ -24,20 +25,19 @@ def linear_model(seed=0, features=10, classes=3):
     return (lambda v, x: x @ v), w, x
 
 
-def keyless_fgsm(logits_fn, x, y, key):
-    del key
-    return fgsm(logits_fn, x, y, eps=0.05)
+FGSM = functools.partial(fgsm, eps=0.05)
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 7, 23, 100])
 def test_any_batch_size_gives_the_full_batch_result(batch_size):
     apply_fn, w, x = linear_model()
     y = predict(apply_fn, w, x, batch_size=5)
-    full = np.asarray(keyless_fgsm(lambda z: apply_fn(w, z), x, y, None))
-    batched = attack_in_batches(
-        apply_fn, w, keyless_fgsm, x, y, jax.random.key(0), batch_size=batch_size
+    full = np.asarray(FGSM(lambda z: apply_fn(w, z), x, y, jax.random.key(0)))
+    batched, predicted = attack_in_batches(
+        apply_fn, w, FGSM, x, y, jax.random.key(0), batch_size=batch_size, predictions=True
     )
     np.testing.assert_allclose(batched, full, atol=1e-6)
+    np.testing.assert_array_equal(predicted, predict(apply_fn, w, batched, batch_size=5))
     np.testing.assert_array_equal(predict(apply_fn, w, x, batch_size=batch_size), y)
 
 
@@ -72,6 +72,22 @@ def test_check_perturbation_names_what_is_wrong():
 def test_empty_inputs_are_fine():
     apply_fn, w, x = linear_model()
     assert predict(apply_fn, w, x[:0]).shape == (0,)
-    out = attack_in_batches(apply_fn, w, keyless_fgsm, x[:0], np.zeros(0, int), jax.random.key(0))
+    out = attack_in_batches(apply_fn, w, FGSM, x[:0], np.zeros(0, int), jax.random.key(0))
     assert out.shape == (0, 10)
     assert float(jnp.sum(out)) == 0
+    out, predicted = attack_in_batches(
+        apply_fn, w, FGSM, x[:0], np.zeros(0, int), jax.random.key(0), predictions=True
+    )
+    assert out.shape == (0, 10) and predicted.shape == (0,)
+
+
+def test_progress_bars_do_not_flood_a_log(capsys):
+    apply_fn, w, x = linear_model()
+    y = predict(apply_fn, w, x)
+    attack_in_batches(apply_fn, w, FGSM, x, y, jax.random.key(0), batch_size=1, progress=True)
+    # pytest captures stderr (not a terminal): the bar is drawn when it opens and when it
+    # closes, not once per batch (23 batches here).
+    drawn = [line for line in capsys.readouterr().err.split("\r") if line.strip()]
+    assert 1 <= len(drawn) <= 2
+    attack_in_batches(apply_fn, w, FGSM, x, y, jax.random.key(0), batch_size=1)
+    assert capsys.readouterr().err == ""  # progress=False: no bar at all

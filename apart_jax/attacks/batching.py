@@ -3,12 +3,15 @@
 Models enter as ``apply_fn(variables, x) -> logits`` plus ``variables``, so that the weights
 are arguments of the compiled programs rather than constants baked into them. Attacks enter
 as ``attack(logits_fn, x, y, key) -> x_adv`` with their hyperparameters already bound
-(``functools.partial(pgd, eps=8/255, step_size=2/255, steps=20)``).
+(``functools.partial(pgd, eps=8/255, step_size=2/255, steps=20)``, or ``make_attack``).
+Each runner compiles once per model, attack and batch shape, and reuses that program in
+later calls.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,9 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from apart_jax.attacks.core import l2_norm
+from apart_jax.progress import progress_bar
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -32,22 +35,40 @@ def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[:1], size - len(a), axis=0)])
 
 
-def _map_batches(step, arrays, batch_size: int, bar=None) -> np.ndarray:
-    """``step(b, *batch)`` over consecutive batches of ``arrays`` (each (N, ...)), concatenated.
+def _map_batches(step, arrays, batch_size: int, bar=None) -> tuple[np.ndarray, ...]:
+    """``step(b, *batch) -> outputs`` over consecutive batches of ``arrays`` (each (N, ...)).
 
     Every batch has ``min(batch_size, N)`` rows (the last one is padded with copies of its
-    first row, and the padding dropped from the output), so ``step`` compiles once.
+    first row, and the padding dropped from the outputs), so ``step`` compiles once. Returns
+    each output of ``step`` concatenated over the batches (N, ...).
     """
     n = len(arrays[0])
     size = min(batch_size, n)
     parts = []
     for b, start in enumerate(range(0, n, size)):
         stop = min(start + size, n)
-        out = step(b, *(_pad_to(a[start:stop], size) for a in arrays))
-        parts.append(np.asarray(out)[: stop - start])
+        outputs = step(b, *(_pad_to(a[start:stop], size) for a in arrays))
+        parts.append([np.asarray(out)[: stop - start] for out in outputs])
         if bar is not None:
             bar.update(stop - start)
-    return np.concatenate(parts)
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+
+
+# The compiled programs of the runners. The model and the attack are static arguments, so jit
+# compiles once per (apply_fn, attack, input shapes) and reuses the program on every later
+# call: pass the same callables (``make_attack`` returns the same one for the same settings).
+@functools.partial(jax.jit, static_argnums=0)
+def _classify(apply_fn: ApplyFn, variables: PyTree, x: jax.Array) -> jax.Array:
+    return jnp.argmax(apply_fn(variables, x), -1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _attack_batch(apply_fn, attack, with_predictions, variables, x, y, key, b):
+    """The attack on batch ``b`` with key ``fold_in(key, b)``; with its predictions if asked."""
+    x_adv = attack(lambda z: apply_fn(variables, z), x, y, jax.random.fold_in(key, b))
+    if with_predictions:
+        return x_adv, jnp.argmax(apply_fn(variables, x_adv), -1)
+    return (x_adv,)
 
 
 def predict(
@@ -56,8 +77,8 @@ def predict(
     """Predicted classes (N,) int for inputs x (N, ...) in [0, 1], in mini-batches."""
     if len(x) == 0:
         return np.zeros((0,), np.int32)
-    classify = jax.jit(lambda v, xb: jnp.argmax(apply_fn(v, xb), -1))
-    return _map_batches(lambda b, xb: classify(variables, xb), (x,), batch_size)
+    (classes,) = _map_batches(lambda b, xb: (_classify(apply_fn, variables, xb),), (x,), batch_size)
+    return classes
 
 
 def attack_in_batches(
@@ -71,23 +92,28 @@ def attack_in_batches(
     batch_size: int = 500,
     desc: str | None = None,
     progress: bool = False,
-) -> np.ndarray:
+    predictions: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Runs ``attack`` over (x, y) in mini-batches of any size; returns x_adv (N, ...).
 
-    The attack is compiled once: the last batch is padded (with copies of its first example)
-    to the batch size and the padding is dropped. Batch b uses ``fold_in(key, b)``, so the
-    result depends on ``batch_size`` only through the keys.
+    The attack compiles once per ``(apply_fn, attack)`` and batch shape, also across calls:
+    the last batch is padded (with copies of its first example) to the batch size and the
+    padding is dropped. Batch b uses ``fold_in(key, b)``, so the result depends on
+    ``batch_size`` only through the keys. ``progress`` shows a bar (one line when the output
+    is not a terminal). With ``predictions``, returns ``(x_adv, the predicted classes at x_adv
+    (N,) int)``, from the attack's own compiled program (one more forward pass per batch, no
+    other program).
     """
     if len(x) == 0:
-        return x.copy()
-    run = jax.jit(lambda v, xb, yb, kb: attack(lambda z: apply_fn(v, z), xb, yb, kb))
+        return (x.copy(), np.zeros((0,), np.int32)) if predictions else x.copy()
 
     def step(b, xb, yb):
-        return run(variables, xb, yb, jax.random.fold_in(key, b))
+        return _attack_batch(apply_fn, attack, predictions, variables, xb, yb, key, b)
 
-    bar = tqdm(total=len(x), desc=desc, unit="pt", disable=not progress, leave=False)
-    with bar:
-        return _map_batches(step, (x, y), batch_size, bar)
+    # On a terminal the bar redraws in place; in a log it is one line (apart_jax.progress).
+    with progress_bar(enabled=progress, total=len(x), desc=desc, unit="pt", leave=False) as bar:
+        outputs = _map_batches(step, (x, y), batch_size, bar)
+    return outputs if predictions else outputs[0]
 
 
 @dataclasses.dataclass
@@ -115,12 +141,11 @@ def robust_accuracy(
     progress: bool = False,
 ) -> RobustResult:
     """Robust accuracy under ``attack``: correct on the clean input and on the attack's point."""
-    x_adv = attack_in_batches(
-        apply_fn, variables, attack, x, y, key, batch_size=batch_size, progress=progress
-    )
-    robust = (predict(apply_fn, variables, x, batch_size=batch_size) == y) & (
-        predict(apply_fn, variables, x_adv, batch_size=batch_size) == y
-    )
+    x_adv, predicted = attack_in_batches(
+        apply_fn, variables, attack, x, y, key, batch_size=batch_size, progress=progress,
+        predictions=True,
+    )  # fmt: skip
+    robust = (predict(apply_fn, variables, x, batch_size=batch_size) == y) & (predicted == y)
     return RobustResult(float(np.mean(robust)) if len(y) else math.nan, robust, x_adv)
 
 
