@@ -11,15 +11,13 @@ stderr and status 2.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 
 from absl import app, flags
 
-from apart_jax.config import ConfigError
-from apart_jax.logbook import METRICS_FILE
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
+from experiments.runs import distinct_labels, read_metrics
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", None, "A training run's directory (metrics.jsonl); repeat.")
@@ -32,58 +30,18 @@ FIGURE_INCHES = (8.0, 5.0)
 DPI = 100  # The PNG is 800 x 500 pixels.
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_row(row: object, where: str) -> dict:
-    """``row`` if it is a JSON object with an int epoch, numeric accuracies and a method name."""
-    if not isinstance(row, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    missing = [key for key in CURVE_KEYS if key not in row]
-    if missing:
-        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
-    if not isinstance(row["epoch"], int) or isinstance(row["epoch"], bool):
-        raise ConfigError(f"{where}: epoch must be an integer, got {row['epoch']!r}")
-    for key in ("clean_acc", "pgd20_acc"):
-        if not _is_number(row[key]):
-            raise ConfigError(f"{where}: {key} must be a number, got {row[key]!r}")
-    if not isinstance(row["method"], str):
-        raise ConfigError(f"{where}: method must be a string, got {row['method']!r}")
-    return row
-
-
 def load_curves(workdir: str) -> dict[str, list]:
-    """The accuracy curves of a training run, one entry per line of ``workdir/metrics.jsonl``.
+    """The accuracy curves of a training run, one entry per row of its metrics.jsonl.
 
     Returns:
       ``{"epoch": [int], "clean_acc": [float], "pgd20_acc": [float], "method": [str]}``, lists
       of equal length >= 1 in file order (accuracies as written, fractions in [0, 1]).
 
     Raises:
-      ConfigError: ``workdir`` is not a directory, or its metrics.jsonl is missing, empty or
-        has a line that is not a JSON object with those keys (the message names the line).
+      ConfigError: :func:`experiments.runs.read_metrics` refuses the directory.
     """
-    if not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir {workdir}: no such directory")
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} not found: train with experiments.train first")
-    curves: dict[str, list] = {key: [] for key in CURVE_KEYS}
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = _check_row(json.loads(line), where)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{where}: not valid JSON ({error.msg})") from None
-            for key in CURVE_KEYS:
-                curves[key].append(row[key])
-    if not curves["epoch"]:
-        raise ConfigError(f"{path} is empty: no epoch has been evaluated yet")
-    return curves
+    rows = read_metrics(workdir)
+    return {key: [row[key] for row in rows] for key in CURVE_KEYS}
 
 
 def run_labels(workdirs: Sequence[str], methods: Sequence[str]) -> list[str]:
@@ -92,14 +50,14 @@ def run_labels(workdirs: Sequence[str], methods: Sequence[str]) -> list[str]:
     Raises:
       ConfigError: the same run is given twice.
     """
-    names = [os.path.basename(os.path.abspath(w)) for w in workdirs]
-    if len(set(names)) < len(names):
-        names = [os.path.normpath(w) for w in workdirs]
-    labels = [f"{name} ({method})" for name, method in zip(names, methods, strict=True)]
-    for i, label in enumerate(labels):
-        if label in labels[:i]:
-            raise ConfigError(f"--workdir {workdirs[i]} is given twice")
-    return labels
+    names = distinct_labels(
+        workdirs,
+        [
+            [os.path.basename(os.path.abspath(w)) for w in workdirs],
+            [os.path.normpath(w) for w in workdirs],
+        ],
+    )
+    return [f"{name} ({method})" for name, method in zip(names, methods, strict=True)]
 
 
 def plot_curves(runs: Mapping[str, Mapping[str, Sequence]], out_path: str, title: str) -> None:

@@ -26,27 +26,25 @@ experiments.evaluate command that fills it; with --missing only those are printe
 "WORKDIR STEP" lines for scripts (experiments/cifar10_subset_study.sh runs them).
 
 A missing directory, one without config.json, a missing, empty or malformed metrics.jsonl or
-a malformed eval json exits with one line on stderr and status 2.
+a malformed eval json exits with one line on stderr and status 2. The files are read by
+:mod:`experiments.runs`; this module picks the epochs and formats the table.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags
 
-from apart_jax.config import CONFIG_FILE, ConfigError
-from apart_jax.logbook import METRICS_FILE
-from apart_jax.methods import create_method
+from apart_jax.config import ConfigError
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
+from experiments.runs import distinct_labels, find_attack_report, read_run
 
 FLAGS = flags.FLAGS
 
-EVAL_FILE = "eval.json"
 ATTACKS = (("cw", "C&W"), ("autoattack", "AA"))  # eval json entry, column name
 EPOCH_KINDS = ("best", "last")
 MISSING = "-"
@@ -68,111 +66,9 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir"])
 
 
-def eval_step_file(step: int) -> str:
-    """The name experiments.evaluate gives the report of a checkpoint older than the newest."""
-    return f"eval_step{step}.json"
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: not valid JSON ({error.msg})") from None
-
-
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl, each checked for an int epoch and step and numeric
-    clean and PGD-20 accuracy.
-
-    Raises:
-      ConfigError: the file is missing, empty or has a malformed line (named).
-    """
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} not found: no epoch has been evaluated (train first)")
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key, check in (
-                ("epoch", _is_int),
-                ("step", _is_int),
-                ("clean_acc", _is_number),
-                ("pgd20_acc", _is_number),
-            ):
-                if not check(row.get(key)):
-                    raise ConfigError(f"{where}: {key} missing or not a number: {row.get(key)!r}")
-            rows.append(row)
-    if not rows:
-        raise ConfigError(f"{path} is empty: no epoch has been evaluated yet")
-    return rows
-
-
 def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The row of highest PGD-20 accuracy; ties: higher clean accuracy, then later epoch."""
     return max(rows, key=lambda r: (r["pgd20_acc"], r["clean_acc"], r["epoch"]))
-
-
-def read_attack_report(path: str) -> dict[str, Any]:
-    """The numbers of an experiments.evaluate report that the table uses.
-
-    Returns:
-      ``{"file", "checkpoint_step", "num_points", "eps", "norm", "clean_accuracy", "cw",
-      "autoattack"}``; an attack that was not in the report's suite is None.
-
-    Raises:
-      ConfigError: the file is not an experiments.evaluate report.
-    """
-    report = _read_json(path)
-    if not isinstance(report, dict) or not _is_int(report.get("checkpoint_step")):
-        raise ConfigError(f"{path}: not an experiments.evaluate report (no checkpoint_step)")
-    results = report.get("results")
-    if not isinstance(results, dict):
-        raise ConfigError(f"{path}: not an experiments.evaluate report (no results)")
-    attacks = {}
-    for entry, _ in ATTACKS:
-        result = results.get(entry)
-        value = result.get("robust_accuracy") if isinstance(result, dict) else None
-        if value is not None and not _is_number(value):
-            raise ConfigError(f"{path}: results.{entry}.robust_accuracy is not a number")
-        attacks[entry] = value
-    return {
-        "file": os.path.basename(path),
-        "checkpoint_step": report["checkpoint_step"],
-        "num_points": report.get("num_points"),
-        "eps": report.get("eps"),
-        "norm": report.get("norm", "linf"),
-        "clean_accuracy": report.get("clean_accuracy"),
-        **attacks,
-    }
-
-
-def find_attack_report(workdir: str, step: int) -> dict[str, Any] | None:
-    """The report of checkpoint ``step``: eval_step{STEP}.json, else eval.json when its
-    checkpoint_step is ``step``; None when neither is."""
-    for name in (eval_step_file(step), EVAL_FILE):
-        path = os.path.join(workdir, name)
-        if os.path.isfile(path):
-            report = read_attack_report(path)
-            if report["checkpoint_step"] == step:
-                return report
-    return None
 
 
 def _epoch_summary(workdir: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +78,7 @@ def _epoch_summary(workdir: str, row: dict[str, Any]) -> dict[str, Any]:
         "clean_acc": row["clean_acc"],
         "pgd20_acc": row["pgd20_acc"],
         "eval_examples": row.get("eval_examples"),
-        "attacks": find_attack_report(workdir, row["step"]),
+        "attacks": find_attack_report(workdir, row["step"], [entry for entry, _ in ATTACKS]),
     }
 
 
@@ -194,32 +90,13 @@ def load_run_summary(workdir: str) -> dict[str, Any]:
       "eval_pgd_steps", "eval_pgd_step_size", "passes_per_step", "epochs",
       "epochs_planned", "train_seconds", "best", "last"}``; ``best`` and ``last`` are
       ``{"epoch", "step", "clean_acc", "pgd20_acc", "eval_examples", "attacks"}`` with
-      ``attacks`` as :func:`read_attack_report` returns, or None when not evaluated.
-      ``label`` is the directory's basename.
+      ``attacks`` as :func:`experiments.runs.read_attack_report` returns for C&W and
+      AutoAttack, or None when not evaluated. ``label`` is the directory's basename.
 
     Raises:
-      ConfigError: ``workdir`` is not a directory, has no config.json, or its metrics.jsonl
-        or an eval json is missing, empty or malformed (one line).
+      ConfigError: :func:`experiments.runs.read_run` or an eval json refuses the directory.
     """
-    if not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir {workdir}: no such directory")
-    config_path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise ConfigError(f"{workdir} is not a training run: no {CONFIG_FILE}")
-    config = _read_json(config_path)
-    if not isinstance(config, dict) or not isinstance(config.get("method"), str):
-        raise ConfigError(f"{config_path}: no method; not a config written by experiments.train")
-    try:
-        method = create_method(
-            config["method"],
-            eps=config.get("eps", 8 / 255),
-            fgsm_rs_step_scale=config.get("fgsm_rs_step_scale", 1.25),
-            pgd_steps=config.get("pgd_steps", 10),
-            pgd_step_size=config.get("pgd_step_size", 2 / 255),
-        )
-    except ValueError as error:
-        raise ConfigError(f"{config_path}: {error}") from None
-    rows = read_metrics(os.path.join(workdir, METRICS_FILE))
+    config, method, rows = read_run(workdir)
     last = rows[-1]
     return {
         "workdir": workdir,
@@ -268,15 +145,14 @@ def unique_labels(summaries: Sequence[dict[str, Any]]) -> list[str]:
     Raises:
       ConfigError: the same run directory is given twice.
     """
-    labels = [s["label"] for s in summaries]
-    if len(set(labels)) < len(labels):
-        labels = [f"{s['method']} {format_eps(s['eps'])}" for s in summaries]
-    if len(set(labels)) < len(labels):
-        labels = [os.path.normpath(s["workdir"]) for s in summaries]
-    for i, label in enumerate(labels):
-        if label in labels[:i]:
-            raise ConfigError(f"--workdir {summaries[i]['workdir']} is given twice")
-    return labels
+    return distinct_labels(
+        [s["workdir"] for s in summaries],
+        [
+            [s["label"] for s in summaries],
+            [f"{s['method']} {format_eps(s['eps'])}" for s in summaries],
+            [os.path.normpath(s["workdir"]) for s in summaries],
+        ],
+    )
 
 
 def _epochs_cell(summary: dict[str, Any]) -> str:

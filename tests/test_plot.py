@@ -21,7 +21,7 @@ RUNS = {
         {"epoch": 4, "step": 92, "method": "apart", "clean_acc": 0.8, "pgd20_acc": 0.4},
     ],
     "pgd_run": [
-        {"epoch": 2, "method": "pgd", "clean_acc": 0.625, "pgd20_acc": 0.375, "psi": [1]},
+        {"epoch": 2, "step": 8, "method": "pgd", "clean_acc": 0.625, "pgd20_acc": 0.375},
     ],
 }
 
@@ -68,7 +68,7 @@ def test_labels_are_basename_and_method_or_paths_when_basenames_coincide(tmp_pat
         run_labels(["x/run", "x/run/"], ["pgd", "pgd"])
 
 
-GOOD_ROW = {"epoch": 1, "clean_acc": 0.5, "pgd20_acc": 0.2, "method": "pgd"}
+GOOD_ROW = {"epoch": 1, "step": 4, "clean_acc": 0.5, "pgd20_acc": 0.2, "method": "pgd"}
 
 
 def line(**changes) -> str:
@@ -82,12 +82,9 @@ BAD_METRICS = [
     ("\n\n", "is empty"),
     (line() + '{"epoch": 2, "cl', ":2: not valid JSON"),
     ("[1, 2]\n", ":1: expected a JSON object, got list"),
-    (line(pgd20_acc=None, method=None), ":1: missing key\\(s\\) pgd20_acc, method"),
+    (line(pgd20_acc=None, method=None), ":1: missing key\\(s\\) method, pgd20_acc"),
     (line(epoch=1.5), "epoch must be an integer"),
-    (line(epoch=True), "epoch must be an integer"),
-    (line(clean_acc="x"), "clean_acc must be a number"),
-    (line(method=3), "method must be a string"),
-]
+]  # the other malformed rows: tests/test_logbook.py
 
 
 @pytest.mark.parametrize("text, message", BAD_METRICS)

@@ -197,11 +197,13 @@ def test_bad_directories_are_one_line_errors(tmp_path):
     (run / "metrics.jsonl").write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):
         load_run_summary(str(run))
-    (run / "metrics.jsonl").write_text('{"epoch": 1, "step": 40, "clean_acc": 0.5}\n')
-    with pytest.raises(ConfigError, match=r"metrics.jsonl:1: pgd20_acc missing"):
+    row = '{"epoch": 1, "step": 40, "method": "apart", "clean_acc": 0.5}\n'
+    (run / "metrics.jsonl").write_text(row)
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:1: missing key\(s\) pgd20_acc"):
         load_run_summary(str(run))
 
 
+@pytest.mark.slow
 def test_command_writes_markdown_and_csv(runs, tmp_path):
     apart, pgd = runs
     out, table_csv = tmp_path / "out" / "table.md", tmp_path / "table.csv"
@@ -232,6 +234,7 @@ def test_command_writes_markdown_and_csv(runs, tmp_path):
     assert float(rows["apart_run"]["train_seconds"]) == pytest.approx(390.0)
 
 
+@pytest.mark.slow
 def test_missing_lists_the_steps_to_evaluate_and_nothing_else(runs):
     apart, pgd = runs
     proc = run_module(
@@ -249,6 +252,7 @@ def test_missing_lists_the_steps_to_evaluate_and_nothing_else(runs):
     assert proc.returncode == 0 and proc.stdout == "", proc.stderr
 
 
+@pytest.mark.slow
 def test_command_rejects_a_run_without_metrics(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
