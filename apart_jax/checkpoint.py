@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run: periodic saves, keep-last-K, restore the latest.
+"""Orbax checkpoints of a training run: periodic saves, keep-last-K, restore and resume.
 
 A checkpoint ``WORKDIR/checkpoints/STEP`` holds three items:
 
@@ -6,11 +6,12 @@ A checkpoint ``WORKDIR/checkpoints/STEP`` holds three items:
   both optimizer states, Omega, the RNG key and the step counter);
 * ``totals``: the running sums of the current epoch's training loss and accuracy, so a
   run resumed mid-epoch reports the same epoch means;
-* ``meta``: JSON with the run's config (to refuse resuming a different run) and the
-  training seconds so far.
+* ``meta``: JSON with the run's config (to refuse resuming a different run), the training
+  examples and Omega's stored rows (to re-pad Omega for another device count), and the
+  training seconds so far (:func:`checkpoint_meta`).
 
 The data order needs nothing more: epoch ``e``'s permutation is a function of the seed
-and ``e`` (:func:`apart_jax.train.epoch_order`), and the step counter says where in it the
+and ``e`` (:func:`apart_jax.step.epoch_order`), and the step counter says where in it the
 run stopped. Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so an interrupted save never hides the previous checkpoint; the temporary
 directories such a save leaves behind are removed when the run's checkpoints are next
@@ -20,22 +21,33 @@ writes collectively.
 A save that fails (a full disk, a lost bucket) raises :class:`CheckpointSaveError` naming
 the step, at the save itself or, for an asynchronous save, at the next save or wait. A
 checkpoint that cannot be restored is moved aside (:meth:`RunCheckpoints.set_aside`) into
-``WORKDIR/checkpoints.unreadable``, never deleted.
+``WORKDIR/checkpoints.unreadable``, never deleted; :func:`restore_resume_point` then tries
+the next newest. :func:`restore_inference` reads only the parts a trained model needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import shutil
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+from apart_jax.config import ConfigError, config_as_json, resume_conflicts
+from apart_jax.parallel import batch_sharded, replicated
+from apart_jax.state import EpochTotals, TrainState, zero_totals
+
+if TYPE_CHECKING:
+    from apart_jax.run import Run
 
 PyTree = Any
 
@@ -156,9 +168,25 @@ class RunCheckpoints:
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
         ).meta
 
-    def saved_shapes(self, step: int) -> PyTree:
-        """The stored ``state`` item's tree of array metadata (shapes and dtypes)."""
-        return self._manager.item_metadata(step)["state"]
+    def saved_shapes(self, step: int) -> dict[str, PyTree]:
+        """The stored ``state`` item as a dict of its fields' trees of array metadata
+        (``shape``, ``dtype``), read without reading any array."""
+        with _state_handler() as handler:
+            return handler.metadata(self._state_path(step)).tree
+
+    def restore_fields(self, step: int, targets: dict[str, PyTree]) -> dict[str, PyTree]:
+        """Restores only the named fields of checkpoint ``step``'s ``state`` (the others are
+        not read); ``targets`` maps each field name to its tree of ``jax.ShapeDtypeStruct``."""
+        args = ocp.args.PyTreeRestore(
+            item=targets,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(targets),
+            partial_restore=True,
+        )
+        with _state_handler() as handler:
+            return handler.restore(self._state_path(step), args=args)
+
+    def _state_path(self, step: int) -> pathlib.Path:
+        return pathlib.Path(self.path(step), "state")
 
     def restore(self, step: int, **targets: PyTree) -> dict[str, PyTree]:
         """Restores the named items (``state``, ``totals``) of checkpoint ``step``.
@@ -184,3 +212,168 @@ class RunCheckpoints:
         if not self._closed:
             self._closed = True
             self._manager.close()
+
+
+@contextlib.contextmanager
+def _state_handler() -> Iterator[ocp.PyTreeCheckpointHandler]:
+    """A handler that reads parts of a checkpoint's ``state`` item (a pytree), then closes."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        yield handler
+    finally:
+        handler.close()
+
+
+def checkpoint_meta(config: ml_collections.ConfigDict, run: Run, train_seconds: float) -> dict:
+    """The JSON stored with every checkpoint: the config and what restoring needs to know."""
+    return {
+        "config": config_as_json(config),
+        "num_train": len(run.dataset.y_train),
+        "omega_rows": None if run.state.omega is None else int(run.state.omega.shape[0]),
+        "train_seconds": train_seconds,
+    }
+
+
+@contextlib.contextmanager
+def open_checkpoints(workdir: str) -> Iterator[RunCheckpoints]:
+    """The checkpoints of an existing run, for reading.
+
+    Raises:
+      FileNotFoundError: if ``workdir`` has no checkpoint directory.
+    """
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
+    with RunCheckpoints(workdir) as checkpoints:
+        yield checkpoints
+
+
+def saved_step(checkpoints: RunCheckpoints, step: int | None) -> int:
+    """``step`` if it is saved, or the newest saved step if ``step`` is None.
+
+    Raises:
+      FileNotFoundError: if nothing is saved, or not ``step`` (the message lists the steps).
+    """
+    steps = checkpoints.steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint at step {step} in {checkpoints.directory} (it holds {steps})"
+        )
+    return step
+
+
+def restore_run_state(
+    checkpoints: RunCheckpoints, step: int, run: Run, meta: dict[str, Any]
+) -> tuple[TrainState, EpochTotals]:
+    """Restores checkpoint ``step`` onto ``run``'s state shardings.
+
+    Omega's rows are padded to a multiple of the device count; a checkpoint written on a
+    different number of devices is restored with its own padding and re-padded here.
+    """
+    template, totals = run.state, zero_totals(run.mesh)
+    saved_rows = meta["omega_rows"]
+    if template.omega is None or saved_rows == template.omega.shape[0]:
+        restored = checkpoints.restore(step, state=template, totals=totals)
+        return restored["state"], restored["totals"]
+    mesh, num_train = run.mesh, meta["num_train"]
+    sharding = batch_sharded(mesh) if saved_rows % mesh.size == 0 else replicated(mesh)
+    omega = jax.ShapeDtypeStruct(
+        (saved_rows, *template.omega.shape[1:]), template.omega.dtype, sharding=sharding
+    )
+    restored = checkpoints.restore(step, state=template.replace(omega=omega), totals=totals)
+    state = restored["state"]
+    rows = template.omega.shape[0] - num_train
+    omega = jax.jit(
+        lambda omega: repad_rows(omega, num_train, rows), out_shardings=batch_sharded(mesh)
+    )(state.omega)
+    return state.replace(omega=omega), restored["totals"]
+
+
+def repad_rows(omega: jax.Array, num_train: int, padding: int) -> jax.Array:
+    """Omega's first ``num_train`` rows followed by ``padding`` rows of zeros."""
+    return jnp.pad(omega[:num_train], [(0, padding)] + [(0, 0)] * (omega.ndim - 1))
+
+
+def restore_checkpoint(workdir: str, run: Run, step: int | None = None) -> TrainState:
+    """The training state of ``workdir``'s checkpoint ``step`` (default: the newest).
+
+    The state is placed on ``run``'s devices.
+
+    Raises:
+      FileNotFoundError: if ``workdir`` holds no checkpoint, or none at ``step`` (the
+        message lists the steps it holds).
+    """
+    with open_checkpoints(workdir) as checkpoints:
+        step = saved_step(checkpoints, step)
+        state, _ = restore_run_state(checkpoints, step, run, checkpoints.read_meta(step))
+    return state
+
+
+INFERENCE_FIELDS = ("params", "batch_stats", "psi")
+
+
+def restore_inference(checkpoints: RunCheckpoints, step: int, *, omega: bool) -> dict[str, PyTree]:
+    """The weights, BN statistics and psi of checkpoint ``step`` (and Omega if ``omega`` and
+    the state holds one), each a tree of arrays on the default device keyed by its
+    :class:`TrainState` field. Nothing else of the state is read from disk."""
+    saved = checkpoints.saved_shapes(step)
+    fields = INFERENCE_FIELDS + (("omega",) if omega and saved.get("omega") is not None else ())
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    targets = {
+        name: jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved[name]
+        )
+        for name in fields
+    }
+    return checkpoints.restore_fields(step, targets)
+
+
+def restore_resume_point(
+    checkpoints: RunCheckpoints | None, run: Run
+) -> tuple[int | None, dict[str, Any], TrainState, EpochTotals]:
+    """The newest checkpoint of the workdir that restores: ``(step, meta, state, totals)``.
+
+    A checkpoint that cannot be read (truncated or missing files, a partial write) is moved
+    to ``checkpoints.unreadable/`` with a warning and the next newest is tried; with none
+    left the run starts afresh: ``(None, {}, run.state, zero totals)``.
+
+    Raises:
+      ConfigError: if a readable checkpoint belongs to a run with a different configuration.
+    """
+    for step in reversed([] if checkpoints is None else checkpoints.steps()):
+        try:
+            meta = checkpoints.read_meta(step)
+            saved_config = meta["config"]
+        except Exception as error:  # any failure to read means this checkpoint is unusable
+            _set_aside(checkpoints, step, error)
+            continue
+        conflicts = resume_conflicts(saved_config, run.config)
+        if conflicts:
+            raise ConfigError(
+                f"{checkpoints.path(step)} was written by a different run "
+                f"({'; '.join(conflicts)}): use another --workdir, or delete its checkpoints "
+                "to start over"
+            )
+        try:
+            state, totals = restore_run_state(checkpoints, step, run, meta)
+        except Exception as error:  # as above
+            _set_aside(checkpoints, step, error)
+            continue
+        return step, meta, state, totals
+    return None, {}, run.state, zero_totals(run.mesh)
+
+
+def _set_aside(checkpoints: RunCheckpoints, step: int, error: Exception) -> None:
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    path = checkpoints.path(step)
+    moved = checkpoints.set_aside(step)
+    logging.warning(
+        "checkpoint %s cannot be restored (%s: %s); moved to %s, trying the next newest",
+        path,
+        type(error).__name__,
+        reason,
+        moved,
+    )

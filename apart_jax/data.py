@@ -4,8 +4,8 @@ Every source yields a :class:`Dataset` of uint8 images (N, H, W, C) and int32 la
 validated once on the host. Training copies it to the devices (:func:`to_device`) and
 augments on the device (:mod:`apart_jax.augment`).
 
-TFDS datasets (CIFAR-10/100, SVHN, MNIST) are read from ArrayRecord files without
-TensorFlow; they are prepared once, with TensorFlow, by::
+TFDS datasets (CIFAR-10/100, SVHN, MNIST) are read by :mod:`apart_jax.tfds_data` from
+ArrayRecord files without TensorFlow; they are prepared once, with TensorFlow, by::
 
     python -m apart_jax.data prepare cifar10 [--data_dir=DIR] [--manual_dir=DIR]
 """
@@ -17,12 +17,11 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 
 class DatasetError(ValueError):
@@ -79,10 +78,6 @@ DATASETS: dict[str, DatasetInfo] = {
         image_shape=(28, 28, 1),
     ),
 }
-
-# Records per ``__getitems__`` call: batched ArrayRecord reads (decoded with PIL) are about
-# 1.7x faster than one ``source[i]`` each (11,000 vs 6,400 32x32 images/s on 2 CPU cores).
-_READ_CHUNK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +183,13 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     )
 
 
-def load_npz(path: str, num_classes: int | None = None) -> Dataset:
-    """Loads ``x_train, y_train, x_test, y_test`` (uint8 NHWC, integer labels) from an npz."""
+def _read_npz(path: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an npz holding x_train, y_train, x_test and y_test (only the
+    named ones are read from disk).
+
+    Raises:
+      DatasetError: for an empty path, a missing file or a missing array, in one line.
+    """
     if not path:
         raise DatasetError("dataset 'npz' needs a file: pass --config.npz_path=FILE.npz")
     if not os.path.isfile(path):
@@ -198,127 +198,18 @@ def load_npz(path: str, num_classes: int | None = None) -> Dataset:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
         if missing:
             raise DatasetError(f"{path} lacks {missing}; it needs x_train, y_train, x_test, y_test")
-        arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        return {k: f[k] for k in keys}
+
+
+def load_npz(path: str, num_classes: int | None = None) -> Dataset:
+    """Loads ``x_train, y_train, x_test, y_test`` (uint8 NHWC, integer labels) from an npz."""
+    arrays = _read_npz(path, ("x_train", "y_train", "x_test", "y_test"))
     return make_dataset(os.path.basename(path), **arrays, num_classes=num_classes)
 
 
-def tfds_datasets() -> list[str]:
-    """The names in :data:`DATASETS` that are read from TFDS, sorted."""
-    return sorted(name for name, info in DATASETS.items() if info.tfds_name is not None)
-
-
-def _tfds_info(name: str) -> DatasetInfo:
-    info = DATASETS.get(name)
-    if info is None or info.tfds_name is None:
-        raise DatasetError(f"{name!r} is not a TFDS dataset; choose one of {tfds_datasets()}")
-    return info
-
-
-def _prepare_command(name: str, data_dir: str | None) -> str:
-    flag = f" --data_dir={data_dir}" if data_dir else ""
-    return f"python -m apart_jax.data prepare {name}{flag}"
-
-
-def _check_size(name: str, split: str, size: int, total: int) -> None:
+def check_size(name: str, split: str, size: int, total: int) -> None:
     if size < 0 or size > total:
         raise DatasetError(f"{split}_size={size} but {name} has {total} {split} examples")
-
-
-def _open_error(tfds: Any, name: str, data_dir: str | None, error: Exception) -> DatasetError:
-    """Turns what ``tfds.data_source`` raised (KeyError, NotImplementedError, ...) into one line.
-
-    tfds raises ``NotImplementedError`` ("... file format FileFormat.TFRECORD is not
-    supported") for a dataset missing from an explicit ``data_dir``, ``KeyError`` ("splits
-    is empty") for one missing from the default directory, and ``ImportError`` for gs://
-    paths without gcsfs. Whether the dataset is prepared tells the first two causes apart.
-    """
-    if isinstance(error, ImportError) and "gcsfs" in str(error):
-        return DatasetError(f"reading {data_dir} without TensorFlow needs gcsfs: pip install gcsfs")
-    try:
-        builder = tfds.builder(_tfds_info(name).tfds_name, data_dir=data_dir)
-        prepared, where = builder.is_prepared(), os.fspath(builder.data_dir_root)
-    except Exception:  # any failure here means "not readable as prepared"
-        prepared, where = False, data_dir or "the default TFDS data directory"
-    if not prepared:
-        return DatasetError(
-            f"dataset {name!r} is not prepared in {where}; prepare it once with: "
-            f"{_prepare_command(name, data_dir)} (needs pip install 'apart-jax[prepare]')"
-        )
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    return DatasetError(
-        f"dataset {name!r} in {builder.data_dir} cannot be read as ArrayRecord ({lines[0]}); "
-        f"prepare it into an empty directory with: {_prepare_command(name, 'NEW_DIR')}"
-    )
-
-
-def _open_tfds(name: str, data_dir: str | None) -> tuple[Any, Any]:
-    """Opens the prepared train and test splits of ``name`` as random-access data sources.
-
-    Never downloads: a missing dataset fails in well under a second, without network.
-    """
-    import tensorflow_datasets as tfds
-
-    try:
-        train, test = tfds.data_source(
-            _tfds_info(name).tfds_name, split=["train", "test"], data_dir=data_dir, download=False
-        )
-    except Exception as error:  # tfds raises many types; see _open_error
-        raise _open_error(tfds, name, data_dir, error) from error
-    return train, test
-
-
-def _read_split(source: Any, count: int, desc: str, progress: bool) -> tuple[np.ndarray, ...]:
-    """Reads the first ``count`` records {'image': (H, W, C) uint8, 'label': int} of a source.
-
-    Returns images (count, H, W, C) uint8 and labels (count,) int32, reading ``_READ_CHUNK``
-    records per ``source.__getitems__`` call.
-    """
-    shape = tuple(source.dataset_info.features["image"].shape)
-    images = np.empty((count, *shape), np.uint8)
-    labels = np.empty(count, np.int32)
-    with tqdm(total=count, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for start in range(0, count, _READ_CHUNK):
-            keys = list(range(start, min(count, start + _READ_CHUNK)))
-            records = source.__getitems__(keys)
-            for i, record in zip(keys, records, strict=True):
-                images[i] = record["image"]
-                labels[i] = record["label"]
-            bar.update(len(keys))
-    return images, labels
-
-
-def load_tfds(
-    name: str,
-    data_dir: str | None = None,
-    *,
-    progress: bool = True,
-    train_size: int = 0,
-    test_size: int = 0,
-) -> Dataset:
-    """Reads a prepared TFDS dataset (ArrayRecord, no TensorFlow) into host memory.
-
-    ``name`` is a key of :data:`DATASETS` with a ``tfds_name``; ``data_dir`` is a local
-    path or a bucket (gs://...; reading one needs gcsfs), or None for TFDS's default
-    (``$TFDS_DATA_DIR`` or ~/tensorflow_datasets). Only the first ``train_size`` /
-    ``test_size`` records are read (0: the whole split). Images come back as uint8
-    (N, H, W, C) in [0, 255], labels as int32 in [0, num_classes). ``progress`` shows a
-    bar per split (CIFAR-10's 60,000 images take seconds to decode).
-
-    Raises:
-      DatasetError: in one line, within a second and without network, if the dataset is
-        not prepared in ``data_dir`` (naming ``python -m apart_jax.data prepare NAME``),
-        cannot be read, or is smaller than a requested size.
-    """
-    info = _tfds_info(name)
-    train, test = _open_tfds(name, data_dir)
-    arrays = []
-    for split, source, size in (("train", train, train_size), ("test", test, test_size)):
-        _check_size(name, split, size, len(source))
-        shape = tuple(source.dataset_info.features["image"].shape)
-        if info.image_shape is not None and shape != info.image_shape:
-            raise DatasetError(f"{name}: {split} images have shape {shape}, not {info.image_shape}")
-        arrays += _read_split(source, size or len(source), f"{name} {split}", progress)
-    return make_dataset(name, *arrays, num_classes=info.num_classes)
 
 
 def load_dataset(
@@ -335,8 +226,8 @@ def load_dataset(
 
     A size of 0 keeps the whole split. ``num_classes`` is the label count of an ``npz``
     (None: its largest label + 1); the other datasets know theirs. TFDS datasets are read
-    from ``data_dir`` (see :func:`load_tfds`; "" or None is TFDS's default) with a progress
-    bar unless ``progress`` is False.
+    from ``data_dir`` (see :func:`apart_jax.tfds_data.load_tfds`; "" or None is TFDS's
+    default) with a progress bar unless ``progress`` is False.
 
     Raises:
       DatasetError: for an unknown name, a missing file or unprepared dataset, malformed
@@ -348,13 +239,15 @@ def load_dataset(
     elif name == "npz":
         data = load_npz(npz_path, num_classes)
     elif info is not None and info.tfds_name is not None:
+        from apart_jax.tfds_data import load_tfds  # it builds on this module
+
         return load_tfds(
             name, data_dir or None, progress=progress, train_size=train_size, test_size=test_size
         )
     else:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    _check_size(name, "train", train_size, len(data.y_train))
-    _check_size(name, "test", test_size, len(data.y_test))
+    check_size(name, "train", train_size, len(data.y_train))
+    check_size(name, "test", test_size, len(data.y_test))
     if train_size or test_size:
         data = dataclasses.replace(
             data,
@@ -366,34 +259,40 @@ def load_dataset(
     return data
 
 
-def prepare_tfds(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> str:
-    """Writes ``name`` as ArrayRecord under ``data_dir``, downloading it or reading ``manual_dir``.
+def load_test_split(
+    name: str,
+    *,
+    num_classes: int,
+    npz_path: str = "",
+    data_dir: str | None = None,
+    test_size: int = 0,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The test split of :func:`load_dataset`'s dataset, without reading the training split.
 
-    ``manual_dir`` holds the official archives (e.g. cifar-10-binary.tar.gz) for offline
-    machines; ``data_dir`` None is TFDS's default. Returns the prepared dataset's folder.
-    Needs TensorFlow (``pip install 'apart-jax[prepare]'``); a dataset already prepared
-    there is reused. The result is opened once to check that :func:`load_tfds` can read it.
+    Returns images (M, H, W, C) uint8 and labels (M,) int32, the first ``test_size`` (0: all),
+    validated against ``num_classes`` labels (the model's outputs).
 
     Raises:
-      DatasetError: in one line, for a name without a TFDS source, missing TensorFlow
-        (before any download) or a result that cannot be read.
+      DatasetError: as :func:`load_dataset`, for the test split.
     """
-    info = _tfds_info(name)
-    try:
-        import tensorflow  # noqa: F401 - TFDS's CIFAR, SVHN and MNIST builders read with tf.io
-    except ImportError:
-        raise DatasetError(
-            "preparing TFDS datasets needs TensorFlow: pip install 'apart-jax[prepare]'"
-        ) from None
-    import tensorflow_datasets as tfds
+    info, label = DATASETS.get(name), name
+    if name == "digits":
+        data = load_digits()
+        x, y = data.x_test, data.y_test
+    elif name == "npz":
+        arrays = _read_npz(npz_path, ("x_test", "y_test"))
+        label, x, y = os.path.basename(npz_path), arrays["x_test"], arrays["y_test"]
+    elif info is not None and info.tfds_name is not None:
+        from apart_jax.tfds_data import open_tfds, read_tfds_split  # they build on this module
 
-    builder = tfds.builder(info.tfds_name, data_dir=data_dir)
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-    )
-    _open_tfds(name, data_dir)
-    return os.fspath(builder.data_dir)
+        _, test = open_tfds(name, data_dir or None)
+        x, y = read_tfds_split(name, "test", test, test_size, progress)
+    else:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    _validate_split(label, "test", x, y, num_classes)
+    check_size(name, "test", test_size, len(y))
+    return x[: test_size or None], y[: test_size or None].astype(np.int32)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -401,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns the exit status: 0, or 2 after one line on stderr for a DatasetError.
     """
+    from apart_jax.tfds_data import prepare_tfds, tfds_datasets  # they build on this module
+
     parser = argparse.ArgumentParser(
         prog="python -m apart_jax.data", description="Prepare TFDS datasets for apart-jax."
     )
@@ -438,4 +339,8 @@ def to_unit_range(images: jax.Array) -> jax.Array:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The imported module's main, not this __main__ copy's: its DatasetError is the class
+    # apart_jax.tfds_data raises.
+    from apart_jax import data
+
+    sys.exit(data.main())

@@ -1,4 +1,5 @@
-"""The training state and the static context every training step shares."""
+"""The training state, the static context every training step shares, and the running sums
+of an epoch."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import optax
 from flax import struct
+from jax.sharding import Mesh
 
 from apart_jax.augment import Augmentation
+from apart_jax.parallel import replicated
 
 PyTree = Any
 
@@ -77,3 +81,21 @@ class StepInputs(NamedTuple):
     indices: jax.Array
     aug: Augmentation
     key: jax.Array
+
+
+class EpochTotals(NamedTuple):
+    """Running sums over the current epoch: training loss and correct predictions (f32 scalars).
+
+    Each step adds its batch mean times its batch size; dividing by the examples seen
+    gives the epoch means logged as ``train_loss`` and ``train_acc``. Checkpointed with the
+    state, so that a run resumed mid-epoch reports the same means.
+    """
+
+    loss_sum: jax.Array
+    correct_sum: jax.Array
+
+
+def zero_totals(mesh: Mesh) -> EpochTotals:
+    """:class:`EpochTotals` of an epoch not yet started, replicated over ``mesh``."""
+    zero = jax.device_put(np.zeros((), np.float32), replicated(mesh))
+    return EpochTotals(zero, zero)

@@ -20,9 +20,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from apart_jax.checkpoint import RunCheckpoints
+from apart_jax.checkpoint import RunCheckpoints, checkpoint_meta
 from apart_jax.config import default_config
-from apart_jax.train import checkpoint_meta, setup_run, zero_totals
+from apart_jax.run import setup_run
+from apart_jax.state import zero_totals
 from experiments.cli import parse_flags_or_exit, quiet_logging
 from experiments.synthetic import synthetic_cifar
 

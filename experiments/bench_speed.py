@@ -40,20 +40,14 @@ from absl import app, flags
 
 from apart_jax.config import default_config
 from apart_jax.data import to_unit_range
+from apart_jax.evaluation import evaluate, make_eval_data, make_eval_step
 from apart_jax.methods.base import forward_train, mean_cross_entropy
 from apart_jax.models import COMPUTE_DTYPES, MODELS
 from apart_jax.parallel import batch_sharded, data_mesh, replicated
-from apart_jax.train import (
-    Run,
-    compile_epoch_steps,
-    device_order,
-    evaluate,
-    make_eval_data,
-    make_eval_step,
-    setup_run,
-    train_epoch,
-    zero_totals,
-)
+from apart_jax.run import Run, setup_run
+from apart_jax.state import zero_totals
+from apart_jax.step import device_order
+from apart_jax.trainer import compile_epoch_steps, train_epoch
 from experiments.cli import parse_flags_or_exit, quiet_logging
 from experiments.synthetic import synthetic_cifar
 
@@ -80,7 +74,7 @@ flags.DEFINE_string("json", None, "Write all results to this JSON file.")
 
 
 def bench_config(method: str, num_train: int) -> ml_collections.ConfigDict:
-    """The spec's defaults with the benchmark's model, batch and dtype; pgd10 is PGD-10."""
+    """The default config with the benchmark's model, batch and dtype; pgd10 is PGD-10."""
     config = default_config()
     config.dataset = "cifar10"  # its augmentation: 4 pixels of padding, flips
     config.method = "pgd" if method == "pgd10" else method

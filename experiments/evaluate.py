@@ -3,9 +3,11 @@
     python -m experiments.evaluate --workdir=DIR [--suite=pgd20,cw,autoattack] [--step=STEP] \
         [--num_points=0] [--seed=0] [--batch_size=500] [--npz=FILE] [--eps=...] [--norm=linf]
 
-Restores checkpoint --step of DIR (written by experiments.train; default: the newest; a step
-that is not saved exits with status 2 and lists the saved steps), evaluates on its dataset's
-test split (or the x_test, y_test of --npz), BN in inference mode, and prints a table. The
+Reads the model of checkpoint --step of DIR (written by experiments.train; default: the
+newest; a step that is not saved exits with status 2 and lists the saved steps) with
+apart_jax.run.load_model (weights and BN statistics only: no Omega, optimizer states or
+training data), evaluates on its dataset's test split (or the x_test, y_test of --npz), BN
+in inference mode, and prints a table. The
 report, with every number, the protocol, the checkpoint's step and its epoch
 (ceil(step / steps per epoch)), goes to DIR/eval.json for the newest checkpoint and to
 DIR/eval_step{STEP}.json for an older one (experiments.summarize reads both). Suite entries:
@@ -31,11 +33,12 @@ import numpy as np
 from absl import app, flags
 
 from apart_jax.attacks.suite import AUTOATTACK, make_attack, measure_passes, run_suite
-from apart_jax.checkpoint import RunCheckpoints, checkpoint_dir
+from apart_jax.checkpoint import checkpoint_dir
 from apart_jax.config import ConfigError, read_run_config
 from apart_jax.data import DatasetError, load_npz
-from apart_jax.train import restore_checkpoint, setup_run
+from apart_jax.run import TrainedModel, load_model, run_test_split
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
+from experiments.runs import EVAL_FILE, eval_step_file, saved_steps
 
 FLAGS = flags.FLAGS
 
@@ -62,14 +65,6 @@ def protocol_of(attack) -> dict:
         for name, p in inspect.signature(attack).parameters.items()
         if isinstance(p.default, (int, float, str, bool)) and p.default is not None
     }
-
-
-def saved_steps(workdir: str) -> list[int]:
-    """The steps of ``workdir``'s complete checkpoints, oldest first (empty if none)."""
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        return []
-    with RunCheckpoints(workdir) as checkpoints:
-        return checkpoints.steps()
 
 
 def resolve_step(available: Sequence[int], requested: int | None, where: str = "") -> int:
@@ -101,27 +96,27 @@ def epoch_of(step: int, steps_per_epoch: int) -> int:
 def report_path(workdir: str, step: int, newest: int) -> str:
     """Where the report of checkpoint ``step`` goes: DIR/eval.json for the newest checkpoint,
     DIR/eval_step{STEP}.json for an older one."""
-    name = "eval.json" if step == newest else f"eval_step{step}.json"
+    name = EVAL_FILE if step == newest else eval_step_file(step)
     return os.path.join(workdir, name)
 
 
-def load_run(workdir: str, step: int | None = None):
-    """The run's config, its state restored from checkpoint ``step`` (default: the newest),
-    its dataset, the restored step and the newest saved step."""
-    config = read_run_config(workdir)
+def load_run(workdir: str, step: int | None = None) -> tuple[TrainedModel, int]:
+    """The run's model at checkpoint ``step`` (default: the newest) and the newest saved step."""
+    read_run_config(workdir)  # a directory without a run is refused before its checkpoints
     steps = saved_steps(workdir)
     step = resolve_step(steps, step, checkpoint_dir(workdir))
-    run = setup_run(config)
     try:
-        state = restore_checkpoint(workdir, run, step)
+        trained = load_model(workdir, step)
     except FileNotFoundError as error:
         raise ConfigError(f"{error}: train with --config.checkpoint=True first") from None
-    return config, run, state, step, steps[-1]
+    return trained, steps[-1]
 
 
 def evaluate_workdir() -> dict:
-    config, run, state, step, newest = load_run(FLAGS.workdir, FLAGS.step)
-    x, y = run.dataset.x_test, run.dataset.y_test
+    trained, newest = load_run(FLAGS.workdir, FLAGS.step)
+    config = trained.config
+    x, y = run_test_split(config, trained.model.num_classes)
+    image_shape = x.shape[1:]
     if FLAGS.npz:
         data = load_npz(FLAGS.npz)
         x, y = data.x_test, data.y_test
@@ -129,22 +124,20 @@ def evaluate_workdir() -> dict:
         if FLAGS.num_points > len(y):
             raise ConfigError(f"num_points={FLAGS.num_points} but only {len(y)} test points")
         x, y = x[: FLAGS.num_points], y[: FLAGS.num_points]
-    if x.shape[1:] != run.dataset.image_shape:
-        raise DatasetError(
-            f"test images {x.shape[1:]} do not fit the model's {run.dataset.image_shape}"
-        )
+    if x.shape[1:] != image_shape:
+        raise DatasetError(f"test images {x.shape[1:]} do not fit the model's {image_shape}")
     x = x.astype(np.float32) / 255.0
     eps = config.eval_eps if FLAGS.eps is None else FLAGS.eps
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = trained.variables
 
     def apply_fn(v, z):
-        return run.model.apply(v, z, train=False)
+        return trained.model.apply(v, z, train=False)
 
     report = {
         "workdir": os.path.abspath(FLAGS.workdir),
-        "checkpoint_step": int(state.step),
-        "epoch": epoch_of(step, run.steps_per_epoch),
-        "steps_per_epoch": run.steps_per_epoch,
+        "checkpoint_step": trained.step,
+        "epoch": epoch_of(trained.step, trained.steps_per_epoch),
+        "steps_per_epoch": trained.steps_per_epoch,
         "newest_checkpoint_step": newest,
         "method": config.method,
         "dataset": FLAGS.npz or config.dataset,

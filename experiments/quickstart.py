@@ -11,7 +11,7 @@ import time
 
 from absl import app, flags
 
-from apart_jax.train import RunResult, train_and_evaluate
+from apart_jax.trainer import RunResult, train_and_evaluate
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 from experiments.configs import digits
 

@@ -1,4 +1,4 @@
-"""The robustness-drop analysis of the paper (spec section 7), from per-epoch checkpoints.
+"""The robustness-drop analysis of the paper (docs/algorithm.md#robustness-drop-diagnostics).
 
     python -m experiments.robustness_drop --fgsm=DIR --reference=DIR [--fgsm_plus=DIR] \
         [--num_points=0] [--train_points=256] [--image_epochs=A,B] [--out=DIR] [--seed=0]
@@ -44,17 +44,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
-from tqdm.auto import tqdm
 
 from apart_jax.attacks import clip_with_grad, fgsm, loss_gradient, pgd
-from apart_jax.checkpoint import RunCheckpoints, checkpoint_dir
-from apart_jax.config import ConfigError, read_run_config
-from apart_jax.data import to_unit_range
-from apart_jax.train import Run, restore_checkpoint, setup_run
+from apart_jax.config import ConfigError
+from apart_jax.data import Dataset, to_unit_range
+from apart_jax.evaluation import clean_and_robust
+from apart_jax.progress import progress_bar
+from apart_jax.run import load_model, run_model
+from apart_jax.step import augment_spec, epoch_batch_sizes
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
+from experiments.runs import epoch_steps, load_run_data
 
 FLAGS = flags.FLAGS
 
@@ -87,7 +90,6 @@ COLUMNS = (
     "fgsm_plus_whitebox_gap",
 )
 PyTree = Any
-BATCH_SIZE = 256  # points per compiled attack batch
 
 
 class Probe:
@@ -95,23 +97,17 @@ class Probe:
 
     Every function takes the model's ``variables`` (params and BN statistics, inference
     mode) as an argument, inputs x (N, H, W, C) float32 in [0, 1] and labels y (N,) int.
+    ``dataset`` is the run's data in host memory; ``pad`` its augmentation's padding.
     """
 
-    def __init__(self, run: Run):
-        self.run = run
-        c = run.config
+    def __init__(self, config: ml_collections.ConfigDict, dataset: Dataset):
+        self.config, self.dataset = config, dataset
+        self.pad = augment_spec(config).pad
+        model = run_model(config, dataset.num_classes)
+        c = config
 
         def logits(variables, x):
-            return run.model.apply(variables, x, train=False)
-
-        def pgd_at(eps):
-            def attack(variables, x, y, key):
-                return pgd(
-                    functools.partial(logits, variables), x, y, key,
-                    eps=eps, step_size=c.eval_pgd_step_size, steps=c.eval_pgd_steps,
-                )  # fmt: skip
-
-            return jax.jit(attack)
+            return model.apply(variables, x, train=False)
 
         self.predict = jax.jit(lambda v, x: jnp.argmax(logits(v, x), -1))
         self.mean_loss = jax.jit(
@@ -119,14 +115,38 @@ class Probe:
                 optax.softmax_cross_entropy_with_integer_labels(logits(v, x), y)
             )
         )
-        self.fgsm = jax.jit(lambda v, x, y, eps: fgsm(functools.partial(logits, v), x, y, eps=eps))
-        self.pgd_eval = pgd_at(c.eval_eps)
-        self.pgd_train = pgd_at(c.eps)
+        self.fgsm = jax.jit(
+            lambda v, x, y, eps: fgsm(
+                functools.partial(logits, v), x, y, jax.random.key(0), eps=eps
+            )  # FGSM draws no noise: the key is unused
+        )
+        self.pgd_robust = jax.jit(
+            lambda v, x, y, key: clean_and_robust(
+                functools.partial(logits, v), x, y, key,
+                eps=c.eval_eps, step_size=c.eval_pgd_step_size, steps=c.eval_pgd_steps,
+            )[1]
+        )  # fmt: skip
+        self.pgd_train = jax.jit(
+            lambda v, x, y, key: pgd(
+                functools.partial(logits, v), x, y, key,
+                eps=c.eps, step_size=c.eval_pgd_step_size, steps=c.eval_pgd_steps,
+            )
+        )  # fmt: skip
         self.fgsm_plus = jax.jit(
             lambda v, x, y, omega, alpha, alpha_omega: fgsm_plus_generator(
                 functools.partial(logits, v), x, y, omega, alpha, alpha_omega, eps=c.eps
             )
         )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        c = self.config
+        return len(epoch_batch_sizes(len(self.dataset.y_train), c.batch_size, c.drop_remainder))
+
+
+def load_probe(workdir: str) -> Probe:
+    """The :class:`Probe` of the run in ``workdir`` (its config and data; no checkpoint)."""
+    return Probe(*load_run_data(workdir))
 
 
 @dataclasses.dataclass
@@ -139,34 +159,16 @@ class Model:
     omega: jax.Array | None
 
 
-def load_run(workdir: str) -> Run:
-    """The run of ``workdir`` rebuilt from its config.json (data loaded, nothing trained)."""
-    return setup_run(read_run_config(workdir))
-
-
-def epoch_steps(workdir: str, steps_per_epoch: int) -> dict[int, int]:
-    """``{epoch: step}`` of the checkpoints saved at the end of an epoch, in epoch order."""
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        raise ConfigError(f"no checkpoints in {workdir}: train with --config.checkpoint=True")
-    with RunCheckpoints(workdir) as checkpoints:
-        steps = checkpoints.steps()
-    found = {s // steps_per_epoch: s for s in steps if s % steps_per_epoch == 0}
-    if not found:
-        raise ConfigError(
-            f"{workdir} holds no end-of-epoch checkpoint (steps {steps}): train with "
-            "--config.checkpoint_every=0 and --config.checkpoint_keep at least the epochs"
-        )
-    return dict(sorted(found.items()))
-
-
-def load_model(workdir: str, probe: Probe, step: int | None = None) -> Model:
-    """The model of ``workdir`` at checkpoint ``step`` (default: the newest)."""
+def checkpoint_model(
+    workdir: str, probe: Probe, step: int | None = None, *, omega: bool = False
+) -> Model:
+    """The model of ``workdir`` at checkpoint ``step`` (default: the newest); with its Omega
+    if ``omega`` (for :func:`generator_points`)."""
     try:
-        state = restore_checkpoint(workdir, probe.run, step)
+        trained = load_model(workdir, step, omega=omega)
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return Model(probe, variables, state.psi, state.omega)
+    return Model(probe, trained.variables, trained.psi, trained.omega)
 
 
 def random_signs(key: jax.Array, x: np.ndarray, eps: float) -> np.ndarray:
@@ -203,10 +205,10 @@ def generator_points(model: Model, x: np.ndarray, y: np.ndarray) -> jax.Array:
     start: the analysis is of FGSM's generator); FGSM+ and APART take Omega's rows 0..N-1
     (the first N training examples), centre-cropped, with psi's alpha and alpha_omega.
     """
-    probe, eps = model.probe, model.probe.run.config.eps
+    probe, eps = model.probe, model.probe.config.eps
     if model.omega is None:
         return probe.fgsm(model.variables, x, y, eps)
-    pad = probe.run.augment.pad
+    pad = probe.pad
     height, width = x.shape[1:3]
     omega = model.omega[: len(y), pad : pad + height, pad : pad + width].astype(jnp.float32)
     psi = model.psi
@@ -220,9 +222,7 @@ def accuracy(model: Model, x: np.ndarray | jax.Array, y: np.ndarray) -> float:
 
 def pgd_accuracy(model: Model, x: np.ndarray, y: np.ndarray, key: jax.Array) -> float:
     """Accuracy (correct clean and under the run's evaluation PGD) of ``model`` on (x, y)."""
-    probe, v = model.probe, model.variables
-    x_adv = probe.pgd_eval(v, x, y, key)
-    return float(jnp.mean((probe.predict(v, x) == y) & (probe.predict(v, x_adv) == y)))
+    return float(jnp.mean(model.probe.pgd_robust(model.variables, x, y, key)))
 
 
 def whitebox_gap(model: Model, x: np.ndarray, y: np.ndarray, key: jax.Array) -> float:
@@ -244,8 +244,8 @@ def analyse(
     seed: int,
 ) -> tuple[list[dict], dict[str, Any]]:
     """The per-epoch table (rows keyed by :data:`COLUMNS`) and what the figures need."""
-    fgsm_probe = Probe(load_run(fgsm_dir))
-    data = fgsm_probe.run.dataset
+    fgsm_probe = load_probe(fgsm_dir)
+    data = fgsm_probe.dataset
     if num_points > len(data.y_test):
         raise ConfigError(f"num_points={num_points} but the test split has {len(data.y_test)}")
     if train_points > len(data.y_train):
@@ -254,23 +254,24 @@ def analyse(
     y = data.y_test[: num_points or None]
     x_train = np.asarray(to_unit_range(data.x_train[:train_points]))
     y_train = data.y_train[:train_points]
-    eps = fgsm_probe.run.config.eps
+    eps = fgsm_probe.config.eps
     key = jax.random.key(seed)
 
-    reference = load_model(reference_dir, Probe(load_run(reference_dir)))
-    if reference.probe.run.dataset.image_shape != data.image_shape:
+    reference = checkpoint_model(reference_dir, load_probe(reference_dir))
+    if reference.probe.dataset.image_shape != data.image_shape:
         raise ConfigError("--reference was trained on images of another shape than --fgsm")
     ref_random = accuracy(reference, random_signs(jax.random.fold_in(key, 1), x, eps), y)
 
     runs = {"fgsm": (fgsm_dir, fgsm_probe)}
     if fgsm_plus_dir:
-        runs["fgsm_plus"] = (fgsm_plus_dir, Probe(load_run(fgsm_plus_dir)))
-    epochs = {name: epoch_steps(d, p.run.steps_per_epoch) for name, (d, p) in runs.items()}
+        runs["fgsm_plus"] = (fgsm_plus_dir, load_probe(fgsm_plus_dir))
+    epochs = {name: epoch_steps(d, p.steps_per_epoch) for name, (d, p) in runs.items()}
 
     rows = []
-    for epoch, step in tqdm(epochs["fgsm"].items(), desc="epochs", unit="epoch"):
+    bar = progress_bar(enabled=True, iterable=epochs["fgsm"].items(), desc="epochs", unit="epoch")
+    for epoch, step in bar:
         row = dict.fromkeys(COLUMNS, math.nan) | {"epoch": epoch, "step": step}
-        fgsm_model = load_model(fgsm_dir, fgsm_probe, step)
+        fgsm_model = checkpoint_model(fgsm_dir, fgsm_probe, step, omega=True)
         row["ref_random_acc"] = ref_random
         row["ref_fgsm_acc"] = accuracy(
             reference, fgsm_probe.fgsm(fgsm_model.variables, x, y, eps), y
@@ -280,7 +281,9 @@ def analyse(
             if epoch not in epochs[name]:
                 continue
             model = (
-                fgsm_model if name == "fgsm" else load_model(workdir, probe, epochs[name][epoch])
+                fgsm_model
+                if name == "fgsm"
+                else checkpoint_model(workdir, probe, epochs[name][epoch], omega=True)
             )
             epoch_key = jax.random.fold_in(key, epoch)
             row[f"{name}_pgd20_acc"] = pgd_accuracy(model, x, y, epoch_key)
@@ -313,6 +316,16 @@ def write_csv(rows: Sequence[dict], path: str) -> None:
             )
 
 
+def plot_columns(axis, rows: Sequence[dict], columns: dict[str, str]) -> None:
+    """Draws each column of ``rows`` against the epoch on ``axis``, labelled by the key of
+    ``columns`` ({label: column}); columns that are NaN throughout are left out."""
+    epochs = [r["epoch"] for r in rows]
+    for label, key in columns.items():
+        values = [r[key] for r in rows]
+        if not all(math.isnan(v) for v in values):
+            axis.plot(epochs, values, marker="o", label=label)
+
+
 def plot_curves(rows: Sequence[dict], path: str, title: str) -> None:
     """Accuracies (left) and both gap diagnostics (right) per epoch, into a PNG."""
     import matplotlib
@@ -320,7 +333,6 @@ def plot_curves(rows: Sequence[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [r["epoch"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     curves = {
         "Acc(ref, random signs)": "ref_random_acc",
@@ -328,10 +340,7 @@ def plot_curves(rows: Sequence[dict], path: str, title: str) -> None:
         "Acc(theta_FGSM@i, PGD-20)": "fgsm_pgd20_acc",
         "Acc(theta_FGSM+@i, PGD-20)": "fgsm_plus_pgd20_acc",
     }
-    for label, key in curves.items():
-        values = [r[key] for r in rows]
-        if not all(math.isnan(v) for v in values):
-            left.plot(epochs, values, marker="o", label=label)
+    plot_columns(left, rows, curves)
     left.set(xlabel="epoch i", ylabel="accuracy", ylim=(0, 1), title="accuracies")
     left.legend(fontsize=8)
     gaps = {
@@ -339,10 +348,7 @@ def plot_curves(rows: Sequence[dict], path: str, title: str) -> None:
         "(b) white-box CE, FGSM model: PGD-20 - FGSM": "fgsm_whitebox_gap",
         "(b) white-box CE, FGSM+ model: PGD-20 - own generator": "fgsm_plus_whitebox_gap",
     }
-    for label, key in gaps.items():
-        values = [r[key] for r in rows]
-        if not all(math.isnan(v) for v in values):
-            right.plot(epochs, values, marker="o", label=label)
+    plot_columns(right, rows, gaps)
     right.axhline(0.0, color="grey", linewidth=0.8)
     right.set(xlabel="epoch i", ylabel="gap", title="perturbation strength gaps")
     right.legend(fontsize=8)
@@ -415,7 +421,9 @@ def main(argv: list[str]) -> None:
         x, y = context["x"][: FLAGS.num_images], context["y"][: FLAGS.num_images]
         probe = context["fgsm_probe"]
         perturbations = {
-            e: np.asarray(probe.fgsm(load_model(FLAGS.fgsm, probe, steps[e]).variables, x, y, eps))
+            e: np.asarray(
+                probe.fgsm(checkpoint_model(FLAGS.fgsm, probe, steps[e]).variables, x, y, eps)
+            )
             - x
             for e in chosen
         }

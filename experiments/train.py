@@ -51,8 +51,9 @@ def main(argv: list[str]) -> None:
     import jax
 
     from apart_jax.checkpoint import CheckpointSaveError
+    from apart_jax.health import NonFiniteError
     from apart_jax.runguard import TrainingInterrupted
-    from apart_jax.train import NonFiniteError, train_and_evaluate
+    from apart_jax.trainer import train_and_evaluate
 
     try:
         result = run_or_exit(lambda: train_and_evaluate(FLAGS.config, FLAGS.workdir))

@@ -11,10 +11,11 @@ import jax
 import numpy as np
 import pytest
 
+from apart_jax.checkpoint import restore_checkpoint
 from apart_jax.config import default_config
 from apart_jax.data import load_digits
 from apart_jax.logbook import read_rows
-from apart_jax.train import restore_checkpoint, setup_run
+from apart_jax.run import setup_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,6 +114,16 @@ RESUMABLE = dict(
     checkpoint_every=3,
     checkpoint_keep=10,
 )
+
+
+@pytest.fixture(scope="session")
+def resumable_run(tmp_path_factory):
+    """An uninterrupted RESUMABLE run (checkpoints 3, 6, 9, 12) and its RunResult, shared by
+    the checkpoint and reliability tests. Tests copy the workdir before changing anything."""
+    from apart_jax.trainer import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("resumable")
+    return workdir, train_and_evaluate(tiny_config(**RESUMABLE), str(workdir))
 
 
 def host_leaves(tree):

@@ -1,31 +1,36 @@
-"""Checkpoints and auto-resume: a resumed run ends exactly where an uninterrupted one does."""
+"""Checkpoints and auto-resume: a resumed run ends exactly where an uninterrupted one does;
+reading a trained model back without its training state or data."""
 
 from __future__ import annotations
 
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from conftest import (
     RESUMABLE,
     assert_same_run,
     checkpoint_steps,
+    host_leaves,
     tiny_config,
+    write_npz,
 )
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from apart_jax.checkpoint import RunCheckpoints
+from apart_jax.checkpoint import RunCheckpoints, restore_checkpoint
 from apart_jax.config import ConfigError
+from apart_jax.data import DatasetError, load_digits
 from apart_jax.logbook import read_rows
+from apart_jax.run import load_model, run_test_split, setup_run
 from apart_jax.runguard import workdir_lock
-from apart_jax.summary import read_scalars
-from apart_jax.train import train_and_evaluate
+from apart_jax.state import TrainState
+from apart_jax.trainer import train_and_evaluate
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    result = train_and_evaluate(tiny_config(**RESUMABLE), str(workdir))
-    return workdir, result
+@pytest.fixture
+def uninterrupted(resumable_run):
+    return resumable_run
 
 
 def test_checkpoints_every_n_steps_and_at_the_end(uninterrupted):
@@ -99,13 +104,14 @@ def test_a_checkpoint_of_another_run_is_refused(uninterrupted, tmp_path, change,
 
 def test_metrics_go_to_tensorboard(uninterrupted):
     workdir, result = uninterrupted
-    scalars = read_scalars(str(workdir))
+    scalars = EventAccumulator(str(workdir))
+    scalars.Reload()
     rows = read_rows(result.metrics_path)
-    assert [step for step, _ in scalars["pgd20_acc"]] == [r["step"] for r in rows]
+    assert [e.step for e in scalars.Scalars("pgd20_acc")] == [r["step"] for r in rows]
     np.testing.assert_allclose(
-        [v for _, v in scalars["clean_acc"]], [r["clean_acc"] for r in rows], rtol=1e-6
+        [e.value for e in scalars.Scalars("clean_acc")], [r["clean_acc"] for r in rows], rtol=1e-6
     )
-    assert {"train_loss", "psi/alpha", "psi/layer_alphas/1"} <= set(scalars)
+    assert {"train_loss", "psi/alpha", "psi/layer_alphas/1"} <= set(scalars.Tags()["scalars"])
 
 
 def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
@@ -115,3 +121,65 @@ def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
     assert "\n" not in str(info.value)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
     train_and_evaluate(tiny_config(**{**RESUMABLE, "epochs": 1}), str(tmp_path))  # released
+
+
+def test_load_model_reads_only_the_inference_variables(uninterrupted):
+    """load_model equals the trained state's weights, BN statistics and psi, bit for bit,
+    and brings no Omega (unless asked for), optimizer state or data."""
+    workdir, _ = uninterrupted
+    config = tiny_config(**RESUMABLE)
+    run = setup_run(config)
+    for step in (6, None):
+        state = restore_checkpoint(str(workdir), run, step)
+        trained = load_model(str(workdir), step)
+        assert trained.step == int(state.step) == (step or 12)
+        assert set(trained.variables) == {"params", "batch_stats"}
+        for mine, theirs in (
+            (trained.variables["params"], state.params),
+            (trained.variables["batch_stats"], state.batch_stats),
+            (trained.psi, state.psi),
+        ):
+            assert jax.tree.structure(mine) == jax.tree.structure(theirs)
+            for a, b in zip(host_leaves(mine), host_leaves(theirs), strict=True):
+                np.testing.assert_array_equal(a, b)
+        assert trained.omega is None
+        assert not any(isinstance(v, TrainState) for v in vars(trained).values())
+    assert trained.config.method == "apart" and trained.model.num_classes == 10
+    assert (trained.num_train, trained.steps_per_epoch) == (200, 4)  # 64, 64, 64 and 8
+    logits = trained.model.apply(trained.variables, np.zeros((2, 8, 8, 1), np.float32))
+    assert logits.shape == (2, 10)
+    with_omega = load_model(str(workdir), omega=True).omega
+    np.testing.assert_array_equal(with_omega, restore_checkpoint(str(workdir), run).omega)
+
+
+def test_load_model_names_the_saved_steps(uninterrupted, tmp_path):
+    workdir, _ = uninterrupted
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 5 in .* \[3, 6, 9, 12\]"):
+        load_model(str(workdir), 5)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(workdir / "config.json", empty / "config.json")
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        load_model(str(empty))
+    with pytest.raises(ConfigError, match="config.json not found"):
+        load_model(str(tmp_path))
+
+
+def test_a_runs_test_split_is_read_without_its_training_split(tmp_path):
+    labels = np.array([0, 1, 3, 2, 1, 0, 3, 3])
+    arrays = write_npz(
+        tmp_path / "d.npz",
+        x_train=np.zeros((20, 6, 6, 3), np.float32),  # invalid, but never read
+        y_test=labels,
+    )
+    config = tiny_config(dataset="npz", npz_path=str(tmp_path / "d.npz"), test_size=6)
+    x, y = run_test_split(config, num_classes=4)
+    np.testing.assert_array_equal(x, arrays["x_test"][:6])
+    np.testing.assert_array_equal(y, labels[:6])
+    assert x.dtype == np.uint8 and y.dtype == np.int32
+    with pytest.raises(DatasetError, match=r"^d.npz: y_test has labels in \[0, 3\], outside"):
+        run_test_split(config, num_classes=3)
+    digits = load_digits()
+    x, y = run_test_split(tiny_config(test_size=0), num_classes=10)
+    np.testing.assert_array_equal(x, digits.x_test)
+    np.testing.assert_array_equal(y, digits.y_test)

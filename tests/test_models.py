@@ -48,6 +48,7 @@ def test_full_size_parameter_count_equals_the_pytorch_model():
 WRN_BLOCKS = [f"stage{s}_block{b}" for s in range(1, 4) for b in range(1, 6)]
 
 
+@pytest.mark.slow
 def test_wide_resnet_has_fifteen_blocks_with_psi_and_maps_images_to_logits():
     # Width 16: stem 16, stages at 16, 32, 64 channels.
     model = create_model("wide_resnet34_10", num_classes=7, width=16)
@@ -100,6 +101,7 @@ def test_sites_sit_on_each_blocks_preactivated_input(resnet):
     assert shapes["stage4_block2"] == (2, 4, 4, 32)
 
 
+@pytest.mark.slow
 def test_site_gradient_is_the_gradient_of_an_additive_perturbation(resnet):
     model, variables32 = resnet
     with jax.enable_x64(True):  # float64, so that a central difference is exact enough

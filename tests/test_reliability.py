@@ -30,10 +30,14 @@ from conftest import (
     write_npz,
 )
 
+from apart_jax.checkpoint import restore_checkpoint
 from apart_jax.config import ConfigError
 from apart_jax.data import DatasetError
 from apart_jax.logbook import read_rows
-from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
+from apart_jax.run import setup_run
+from apart_jax.trainer import train_and_evaluate
+
+pytestmark = pytest.mark.slow  # faults injected into the real command, in subprocesses
 
 TRAIN_STEPS = 96  # TRAIN_COMMAND: 3 epochs of 32 steps, a checkpoint every 2 steps
 
@@ -244,11 +248,9 @@ def garble_meta(step_dir):
     (step_dir / "meta" / "metadata").write_text('{"config": ')
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    train_and_evaluate(tiny_config(**RESUMABLE), str(workdir))
-    return workdir
+@pytest.fixture
+def uninterrupted(resumable_run):
+    return resumable_run[0]
 
 
 @pytest.mark.parametrize("corrupt", [truncate_arrays, drop_totals, garble_meta])

@@ -11,7 +11,7 @@ import pytest
 from conftest import linear_problem, run_module, tiny_config
 from PIL import Image
 
-from apart_jax.train import train_and_evaluate
+from apart_jax.trainer import train_and_evaluate
 from experiments.robustness_drop import (
     COLUMNS,
     choose_image_epochs,
@@ -76,6 +76,7 @@ def trained_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_command_writes_one_row_per_epoch_and_both_figures(trained_runs, tmp_path):
     out = tmp_path / "analysis"
     fgsm, plus = str(trained_runs / "fgsm"), str(trained_runs / "fgsm_plus")
@@ -114,6 +115,7 @@ def test_command_writes_one_row_per_epoch_and_both_figures(trained_runs, tmp_pat
     assert (width, height) == (640, 510)
 
 
+@pytest.mark.slow
 def test_a_reference_that_is_not_a_run_is_refused(trained_runs, tmp_path):
     """A --reference directory without config.json: one line, exit 2."""
     fgsm = str(trained_runs / "fgsm")

@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 from conftest import run_module, tiny_config
 
-from apart_jax.train import (
-    compile_epoch_steps,
-    device_order,
-    evaluate,
-    make_eval_data,
-    make_eval_step,
-    setup_run,
-    train_epoch,
-    zero_totals,
-)
+from apart_jax.evaluation import evaluate, make_eval_data, make_eval_step
+from apart_jax.run import setup_run
+from apart_jax.state import zero_totals
+from apart_jax.step import device_order
+from apart_jax.trainer import compile_epoch_steps, train_epoch
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
@@ -81,6 +76,7 @@ def test_later_epochs_compile_nothing_read_nothing_back_and_donate_the_state(met
         assert compiles.count == after_first_evaluation
 
 
+@pytest.mark.slow
 def test_speed_benchmark_writes_the_documented_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_module(

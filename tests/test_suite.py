@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from conftest import run_module, tiny_config
 
-from apart_jax.attacks.suite import AUTOATTACK, make_attack, measure_passes, run_suite
-from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
+from apart_jax.attacks import AUTOATTACK, make_attack, measure_passes, run_suite
+from apart_jax.checkpoint import restore_checkpoint
+from apart_jax.run import setup_run
+from apart_jax.trainer import train_and_evaluate
+
+pytestmark = pytest.mark.slow  # trains a run, then attacks it with every attack and the commands
 
 EPS = 24 / 255
 POINTS = 96
@@ -42,10 +46,10 @@ def trained(tmp_path_factory):
     return workdir, apply_fn, variables, x, run.dataset.y_test[:POINTS]
 
 
-def robust_under(trained, names):
+def robust_under(trained, names, batch_size=48):
     _, apply_fn, variables, x, y = trained
     return run_suite(
-        apply_fn, variables, x, y, jax.random.key(0), attacks=names, eps=EPS, batch_size=48
+        apply_fn, variables, x, y, jax.random.key(0), attacks=names, eps=EPS, batch_size=batch_size
     )
 
 
@@ -88,11 +92,32 @@ def test_measured_passes_of_standard_attacks(trained):
     assert square.backward == 0 and 0 < square.forward <= 5000
 
 
-def test_unknown_attacks_are_named():
-    with pytest.raises(ValueError, match="unknown attack 'deepfool'"):
-        make_attack("deepfool", eps=EPS)
-    with pytest.raises(ValueError, match="L-inf only"):
-        make_attack("cw", eps=0.5, norm="l2")
+def test_a_suite_compiles_once_per_attack_and_batch_shape(trained):
+    compiled = []
+
+    def listen(event, duration, fun_name="", **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(fun_name)
+
+    jax.block_until_ready(jax.random.fold_in(jax.random.key(0), 1))  # eager key ops, compiled
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        # A batch size no other test uses: every program of this run is new to the process.
+        first = robust_under(trained, list(AUTOATTACK), batch_size=40)
+        in_first_run = list(compiled)
+        second = robust_under(trained, list(AUTOATTACK), batch_size=40)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    # One program for the clean predictions, one per attack that had points to attack (with
+    # the predictions at its points); the padded last batch reuses them; the second run
+    # compiles nothing.
+    attacking = sum(stage.attacked > 0 for stage in first.stages)
+    assert attacking >= 2
+    assert sorted(in_first_run) == ["jit(_attack_batch)"] * attacking + ["jit(_classify)"]
+    assert compiled == in_first_run
+    np.testing.assert_array_equal(second.x_adv, first.x_adv)
+    # make_attack hands out the same callable for the same settings, so jit finds it again.
+    assert make_attack("apgd-t", eps=EPS) is make_attack("apgd-t", eps=float(EPS))
 
 
 def evaluate(*args):

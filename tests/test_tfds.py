@@ -19,8 +19,10 @@ from conftest import run_module, tiny_config
 from tensorflow_datasets.testing import mocking
 
 from apart_jax import data as data_lib
-from apart_jax.data import DATASETS, DatasetError, load_dataset, load_tfds
-from apart_jax.train import setup_run, train_and_evaluate
+from apart_jax.data import DATASETS, DatasetError, load_dataset
+from apart_jax.run import setup_run
+from apart_jax.tfds_data import load_tfds
+from apart_jax.trainer import train_and_evaluate
 
 NUM_TRAIN, NUM_TEST = 30, 12
 

@@ -1,0 +1,369 @@
+"""The epoch loop: train, evaluate every ``eval_every`` epochs, checkpoint, resume.
+
+Data flows one way::
+
+    Dataset (host, uint8) -> DeviceData (device) -> the compiled step (apart_jax.step)
+      -> TrainState -> clean and PGD-20 accuracy (apart_jax.evaluation)
+      -> metrics.jsonl, TensorBoard, checkpoints (apart_jax.checkpoint)
+
+:func:`train_and_evaluate` builds the run (:func:`apart_jax.run.setup_run`), resumes from
+the newest readable checkpoint and runs :func:`train_epoch` per epoch. What happens between
+steps and after an epoch (the progress bar, the health check, a checkpoint when one is due,
+the evaluation row, a stop on SIGTERM) are the small functions below, sharing one
+:class:`Loop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from apart_jax.checkpoint import (
+    RunCheckpoints,
+    checkpoint_meta,
+    restore_resume_point,
+)
+from apart_jax.config import CONFIG_FILE
+from apart_jax.data import Dataset, DeviceData
+from apart_jax.evaluation import Evaluation, run_evaluation
+from apart_jax.health import StepHealth, check_health, healthy, record_health
+from apart_jax.logbook import MetricsLog
+from apart_jax.methods import Method
+from apart_jax.parallel import replicated
+from apart_jax.progress import progress_bar
+from apart_jax.run import Run, setup_run
+from apart_jax.runguard import StopRequest, TrainingInterrupted, workdir_lock
+from apart_jax.state import EpochTotals, TrainState, zero_totals
+from apart_jax.step import device_order
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run reports: the last evaluation row and where its outputs went.
+
+    ``resumed_from`` is the checkpoint step the run continued from (None: a fresh start).
+    """
+
+    method: str
+    label: str
+    passes_per_step: int
+    last: dict[str, Any]
+    metrics_path: str
+    checkpoint_path: str | None
+    compile_seconds: float
+    resumed_from: int | None = None
+
+
+def compile_epoch_steps(run: Run, state: TrainState) -> dict[int, Callable]:
+    """The run's ``in_epoch`` step compiled ahead of time for each batch size of an epoch."""
+    order = device_order(run.config.seed, 1, len(run.dataset.y_train), run.mesh)
+    return {
+        size: run.train_step.in_epoch.lower(
+            state, run.data, order, np.int32(0), batch_size=size
+        ).compile()
+        for size in sorted(set(run.batch_sizes))
+    }
+
+
+def train_epoch(
+    steps: dict[int, Callable],
+    state: TrainState,
+    totals: EpochTotals,
+    data: DeviceData,
+    order: jax.Array,
+    batch_sizes: list[int],
+    first: int = 0,
+    after_step: Callable[[int, TrainState, EpochTotals, StepHealth], None] | None = None,
+    health: StepHealth | None = None,
+) -> tuple[TrainState, EpochTotals, StepHealth]:
+    """Trains on the epoch's batches ``first``, ``first + 1``, ... in ``order``.
+
+    ``steps`` maps each batch size to its compiled step (:func:`compile_epoch_steps`).
+    Nothing is read back from the devices here: the steps are dispatched asynchronously and
+    ``after_step(i, state, totals, health)`` (progress, checkpoints) decides what to wait
+    for. ``health`` (default: none bad yet) accumulates non-finite steps.
+    """
+    starts = np.cumsum([0, *batch_sizes])
+    if health is None:
+        health = healthy(totals.loss_sum.sharding)
+    for i in range(first, len(batch_sizes)):
+        size = batch_sizes[i]
+        state, metrics = steps[size](state, data, order, np.int32(starts[i]))
+        totals = EpochTotals(
+            totals.loss_sum + metrics["loss"] * size,
+            totals.correct_sum + metrics["accuracy"] * size,
+        )
+        health = record_health(health, metrics["nonfinite"], state.step)
+        if after_step is not None:
+            after_step(i, state, totals, health)
+    return state, totals, health
+
+
+@dataclasses.dataclass
+class Loop:
+    """What the epoch loop's periodic actions share.
+
+    ``starts[i]`` is the number of examples before step ``i`` of an epoch;
+    ``checkpoint_path`` is the newest checkpoint saved or resumed from (None: none yet).
+    """
+
+    run: Run
+    stop: StopRequest
+    checkpoints: RunCheckpoints | None
+    resume_step: int | None
+    checkpoint_path: str | None
+    starts: np.ndarray
+
+    @property
+    def total_steps(self) -> int:
+        return self.run.config.epochs * self.run.steps_per_epoch
+
+
+def checkpoint_due(loop: Loop, step: int) -> bool:
+    """Whether a checkpoint is due after ``step`` (the last step, or every ``checkpoint_every``)."""
+    every = loop.run.config.checkpoint_every
+    return step == loop.total_steps or (every > 0 and step % every == 0)
+
+
+def save_checkpoint(
+    loop: Loop,
+    step: int,
+    state: TrainState,
+    totals: EpochTotals,
+    health: StepHealth,
+    train_seconds: float,
+) -> None:
+    """Checks health, then saves checkpoint ``step`` (unless it is the one resumed from)."""
+    config = loop.run.config
+    check_health(health, config.skip_nonfinite, loop.checkpoint_path)
+    if loop.checkpoints is not None and step != loop.resume_step:
+        meta = checkpoint_meta(config, loop.run, train_seconds)
+        loop.checkpoint_path = loop.checkpoints.save(step, state, totals, meta)
+
+
+def stop_if_requested(loop: Loop, step: int) -> None:
+    """On SIGTERM or SIGINT: waits for the checkpoint and raises :class:`TrainingInterrupted`."""
+    if loop.stop.signum is None:
+        return
+    if loop.checkpoints is not None:
+        loop.checkpoints.wait()
+    raise TrainingInterrupted(loop.stop.signum, step, loop.checkpoint_path)
+
+
+def after_step(
+    loop: Loop,
+    bar: tqdm,
+    epoch: int,
+    clock_origin: float,
+    i: int,
+    state: TrainState,
+    totals: EpochTotals,
+    health: StepHealth,
+) -> None:
+    """After step ``i`` of ``epoch``: the progress bar and, every ``log_every`` steps, the
+    health check and the running means; a checkpoint when one is due mid-epoch; the stop."""
+    config, steps_per_epoch = loop.run.config, loop.run.steps_per_epoch
+    bar.update(1)
+    if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
+        check_health(health, config.skip_nonfinite, loop.checkpoint_path)
+        seen = loop.starts[i + 1]
+        bar.set_postfix(
+            loss=f"{float(totals.loss_sum) / seen:.3f}",
+            acc=f"{float(totals.correct_sum) / seen:.3f}",
+            refresh=False,
+        )
+    step = (epoch - 1) * steps_per_epoch + i + 1
+    if (checkpoint_due(loop, step) or loop.stop.signum is not None) and i + 1 < steps_per_epoch:
+        save_checkpoint(loop, step, state, totals, health, time.perf_counter() - clock_origin)
+    stop_if_requested(loop, step)
+
+
+def evaluation_row(
+    loop: Loop,
+    epoch: int,
+    state: TrainState,
+    totals: EpochTotals,
+    health: StepHealth,
+    accuracies: dict[str, float],
+    train_seconds: float,
+    eval_seconds: float,
+) -> dict[str, Any]:
+    """The metrics.jsonl row of ``epoch``: training means, accuracies, timings, psi."""
+    run = loop.run
+    examples = int(loop.starts[-1])
+    row = {
+        "epoch": epoch,
+        "step": epoch * run.steps_per_epoch,
+        "method": run.method.name,
+        "train_loss": float(totals.loss_sum) / examples,
+        "train_acc": float(totals.correct_sum) / examples,
+        **accuracies,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "eval_examples": len(run.dataset.y_test),
+    }
+    if run.method.learns_psi:
+        row["psi"] = host_psi(run.method, state.psi)
+    if run.config.skip_nonfinite:
+        row["skipped_steps"] = int(health.skipped)
+    return row
+
+
+def end_epoch(
+    loop: Loop,
+    log: MetricsLog,
+    evaluation: Evaluation,
+    bar: tqdm,
+    epoch: int,
+    state: TrainState,
+    totals: EpochTotals,
+    health: StepHealth,
+    train_seconds: float,
+) -> None:
+    """After ``epoch``: its evaluation row (every ``eval_every`` epochs and after the last),
+    a checkpoint when one is due (every epoch when ``checkpoint_every`` is 0), the stop."""
+    config, step = loop.run.config, epoch * loop.run.steps_per_epoch
+    if epoch % config.eval_every == 0 or epoch == config.epochs:
+        eval_start = time.perf_counter()
+        accuracies = evaluation(state)
+        eval_seconds = time.perf_counter() - eval_start
+        row = evaluation_row(
+            loop, epoch, state, totals, health, accuracies, train_seconds, eval_seconds
+        )
+        log.write(row)
+        bar.set_postfix(
+            clean=f"{row['clean_acc']:.3f}", pgd20=f"{row['pgd20_acc']:.3f}", refresh=False
+        )
+    if config.checkpoint_every == 0 or checkpoint_due(loop, step) or loop.stop.signum is not None:
+        save_checkpoint(loop, step, state, totals, health, train_seconds)
+    stop_if_requested(loop, step)
+
+
+def host_psi(method: Method, psi: PyTree) -> dict[str, Any]:
+    """``method``'s summary of psi as JSON-ready numbers and lists."""
+    summary = jax.device_get(method.psi_summary(psi))
+    return {k: np.asarray(v).tolist() for k, v in summary.items()}
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, dataset: Dataset | None = None
+) -> RunResult:
+    """Trains one method as configured, evaluating every ``eval_every`` epochs.
+
+    Writes ``WORKDIR/config.json``, ``WORKDIR/metrics.jsonl`` (one JSON object per
+    evaluation), TensorBoard events and, if ``config.checkpoint``, Orbax checkpoints every
+    ``checkpoint_every`` steps (0: every epoch) and at the end. If ``WORKDIR`` already
+    holds a checkpoint of the same configuration, the run resumes from the newest one and
+    ends with the same weights and metrics as an uninterrupted run (timings aside).
+
+    Args:
+      config: see :func:`apart_jax.config.default_config`.
+      workdir: output directory (created).
+      dataset: use this dataset instead of loading ``config.dataset``.
+
+    SIGTERM or SIGINT (preemption, Ctrl-C) ends the current step, writes a checkpoint and
+    raises :class:`apart_jax.runguard.TrainingInterrupted`; rerunning resumes from it.
+
+    Raises:
+      ConfigError, DatasetError: invalid configuration or data, a workdir holding a
+        different run, or a workdir in use by another run, before training starts.
+      TrainingInterrupted: on SIGTERM or SIGINT, after the checkpoint is written.
+      apart_jax.health.NonFiniteError: a non-finite step (unless ``skip_nonfinite``).
+    """
+    run = setup_run(config, dataset)
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:
+            stack.enter_context(workdir_lock(workdir))
+        stop = stack.enter_context(StopRequest())
+        checkpoints = None
+        if run.config.checkpoint:
+            checkpoints = RunCheckpoints(workdir, max_to_keep=run.config.checkpoint_keep)
+            stack.enter_context(checkpoints)
+        return train_run(run, workdir, stop, checkpoints)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the run's full config to ``WORKDIR/config.json``."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def train_run(
+    run: Run, workdir: str, stop: StopRequest, checkpoints: RunCheckpoints | None
+) -> RunResult:
+    """The body of :func:`train_and_evaluate` once the run is built and the workdir locked."""
+    config, method, mesh = run.config, run.method, run.mesh
+    lead = jax.process_index() == 0
+    resume_step, meta, state, totals = restore_resume_point(checkpoints, run)
+    health = healthy(replicated(mesh))
+    train_seconds = meta.get("train_seconds", 0.0)
+    evaluation = run_evaluation(run)
+    if lead:
+        write_config(config, workdir)
+
+    compile_start = time.perf_counter()
+    compiled = compile_epoch_steps(run, state)
+    compile_seconds = time.perf_counter() - compile_start
+
+    loop = Loop(
+        run=run,
+        stop=stop,
+        checkpoints=checkpoints,
+        resume_step=resume_step,
+        checkpoint_path=None if resume_step is None else checkpoints.path(resume_step),
+        starts=np.cumsum([0, *run.batch_sizes]),
+    )
+    steps_per_epoch, num_train = run.steps_per_epoch, len(run.dataset.y_train)
+    step = resume_step or 0
+    log = MetricsLog(workdir, resume_step=resume_step, tensorboard=config.tensorboard, enabled=lead)
+    with log:
+        for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
+            first = step - (epoch - 1) * steps_per_epoch
+            if first == 0:
+                totals = zero_totals(mesh)
+            epoch_start = time.perf_counter()
+            order = device_order(config.seed, epoch, num_train, mesh)
+            bar = progress_bar(
+                enabled=config.progress and lead,
+                total=steps_per_epoch,
+                initial=first,
+                desc=f"{method.label} {epoch}/{config.epochs}",
+                unit="step",
+            )
+            with bar:
+                report = functools.partial(
+                    after_step, loop, bar, epoch, epoch_start - train_seconds
+                )
+                state, totals, health = train_epoch(
+                    compiled, state, totals, run.data, order, run.batch_sizes, first, report, health
+                )
+                check_health(health, config.skip_nonfinite, loop.checkpoint_path)
+                step = epoch * steps_per_epoch
+                jax.block_until_ready(state)
+                train_seconds += time.perf_counter() - epoch_start
+                end_epoch(loop, log, evaluation, bar, epoch, state, totals, health, train_seconds)
+    if checkpoints is not None:
+        checkpoints.wait()
+    return RunResult(
+        method=method.name,
+        label=method.label,
+        passes_per_step=method.passes_per_step,
+        last=log.rows[-1] if log.rows else {},
+        metrics_path=log.path,
+        checkpoint_path=loop.checkpoint_path,
+        compile_seconds=compile_seconds,
+        resumed_from=resume_step,
+    )
