@@ -3,6 +3,7 @@
 The augmentation of a batch is a pair of arrays (crop offsets, flip bits) so that the very
 same transform can be applied to the images and to APART's stored perturbations Omega,
 and inverted to write Omega back. Everything here is pure ``jnp`` and runs inside ``jit``.
+The pipeline and its defaults: docs/algorithm.md#data-and-augmentation.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The configuration of a training run: every key, the spec's defaults, and validation.
+"""The configuration of a training run: every key, its default, and validation.
+
+The defaults are the paper's CIFAR-10 setting; docs/algorithm.md explains each of them.
 
 Experiment configs (``experiments/configs/*.py``) start from :func:`default_config` and
 change what they need; any key can be overridden on the command line with
@@ -26,7 +28,10 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The spec's defaults (CIFAR-10 PreAct-ResNet-18, APART, 30 epochs, batch 128)."""
+    """The defaults: the paper's CIFAR-10 setting (PreAct-ResNet-18, APART, 30 epochs, batch 128).
+
+    ``dataset`` defaults to the embedded digits, so that a bare command runs offline.
+    """
     c = ml_collections.ConfigDict()
     c.seed = 0
 

@@ -9,6 +9,8 @@ max_momentum=0.9)`` with equal up and down phases:
   the very first update therefore has rate 0, as in PyTorch;
 * momentum: ``max - (max - min) * tri(t)`` (0.9 -> 0.8 -> 0.9), inverse to the rate;
 * weight decay is added to the gradient before momentum (coupled), ``g + wd * p``.
+
+How the weights' and psi's optimizers use it: docs/algorithm.md#optimizers-and-schedules.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from apart_jax.config import default_config, validate_config
 from apart_jax.data import DATASETS
-from apart_jax.train import build_context
+from apart_jax.run import build_context
 from tests.conftest import ROOT
 
 CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")

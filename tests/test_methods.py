@@ -1,4 +1,4 @@
-"""Training methods: equivalences between them, a from-the-spec reference APART, and learning."""
+"""Training methods: equivalences between them, an independent reference APART, and learning."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from conftest import tiny_config
 from apart_jax.augment import Augmentation
 from apart_jax.models import SITES
 from apart_jax.optim import cyclic_sgd
-from apart_jax.train import Batch, create_train_state, draw_batch, make_train_step, setup_run
+from apart_jax.run import create_train_state, setup_run
+from apart_jax.step import Batch, draw_batch, make_train_step
 
 EPS = 8 / 255
 
@@ -131,8 +132,8 @@ def test_fgsm_plus_equals_apart_with_the_layer_noise_off(digits):
 
 
 # ---------------------------------------------------------------------------------------------
-# A reference APART step written directly from the spec (section 4), with NumPy crops and a
-# hand-written PyTorch SGD, to check the library's step against it.
+# A reference APART step written independently from its description in docs/algorithm.md#apart,
+# with NumPy crops and a hand-written PyTorch SGD, to check the library's step against it.
 
 
 def torch_clamp(x, lo, hi):
@@ -145,7 +146,10 @@ def crop(frame, offset, flip, size):
 
 
 def reference_gradients(model, params, stats, psi, x, om, y, layer_noise):
-    """Spec steps 1-6 for one batch: gradients of L1 for weights, psi and input; BN stats."""
+    """Steps 1-6 of docs/algorithm.md#apart for one batch.
+
+    Returns the BN statistics after pass 2 and L1's gradients for weights, psi and input.
+    """
 
     def forward(params, stats, x_in, sites):
         variables = {"params": params, "batch_stats": stats}
@@ -235,6 +239,11 @@ def reference_apart(run, state, batches, *, peak_w, peak_p, cycle, layer_noise, 
 
 @pytest.mark.parametrize("method, quirk", [("apart", True), ("apart", False), ("fgsm_plus", True)])
 def test_step_matches_a_reference_written_from_the_spec(digits, method, quirk):
+    """Three library steps equal three steps of :func:`reference_apart`.
+
+    The reference is a second, independent implementation of the step described in
+    docs/algorithm.md#apart (NumPy crops and write-back, PyTorch-style SGD written out).
+    """
     run = build(digits, method)
     peak_w, peak_p, cycle = 0.2, 2e-4, 4
     ctx = dict(

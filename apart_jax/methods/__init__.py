@@ -1,5 +1,7 @@
 """Training methods sharing one step signature (see :mod:`apart_jax.methods.base`).
 
+Each method's step, with its equations and defaults, is in docs/algorithm.md#methods.
+
 | name        | generator                                                  | passes/step |
 |-------------|------------------------------------------------------------|-------------|
 | ``clean``   | none: standard training on the clean inputs                | 1           |

@@ -1,6 +1,7 @@
 """APART and FGSM+: adversarial training with a learnable perturbation generator.
 
-One step, for a batch of examples n with augmented images x (spec section 4):
+The step, its defaults and the choices behind it: docs/algorithm.md#apart and
+docs/algorithm.md#fgsm_plus. One step, for a batch of examples n with augmented images x:
 
 1. omega = Omega[n] cropped and flipped like x.
 2. delta0 = clip(alpha_omega * omega, -eps, eps);  x0 = clip(x + delta0, 0, 1).
@@ -52,7 +53,7 @@ OMEGA_DTYPES: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bf
 def init_psi(template: PyTree, *, alpha: float, alpha_omega: float, layer_alpha: float) -> PyTree:
     """psi values for a model's ``perturb`` collection (shapes from ``template``).
 
-    Spec defaults: alpha = alpha_omega = 1e-4, every block's alpha = 0.
+    Defaults (docs/algorithm.md#apart): alpha = alpha_omega = 1e-4, every block's alpha = 0.
     """
     top = {"alpha": alpha, "alpha_omega": alpha_omega}
     return {

@@ -1,7 +1,7 @@
 """Standard (non-adversarial) training: one training pass on the clean inputs.
 
 The reference point of the speed benchmark (``t_train``) and the lower bound of every
-adversarial method's cost.
+adversarial method's cost. See docs/algorithm.md#clean.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""FGSM and FGSM-RS adversarial training (one attack pass, one training pass)."""
+"""FGSM and FGSM-RS adversarial training (one attack pass, one training pass).
+
+The steps: docs/algorithm.md#fgsm and docs/algorithm.md#fgsm_rs.
+"""
 
 from __future__ import annotations
 

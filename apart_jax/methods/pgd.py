@@ -1,4 +1,7 @@
-"""PGD-K adversarial training (Madry et al. 2018): K attack passes, one training pass."""
+"""PGD-K adversarial training (Madry et al. 2018): K attack passes, one training pass.
+
+The step: docs/algorithm.md#pgd.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Pre-activation ResNets with APART's perturbation sites: PreAct-ResNet-18, WRN-34-10, a small CNN.
 
-Inputs are images in [0, 1], shape (B, H, W, C), no mean/std normalization.
+Inputs are images in [0, 1], shape (B, H, W, C), no mean/std normalization. The architecture and
+its choices: docs/algorithm.md#model.
 """
 
 from __future__ import annotations

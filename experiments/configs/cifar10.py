@@ -1,4 +1,4 @@
-"""CIFAR-10, PreAct-ResNet-18, the spec's defaults: eps 8/255, 30 epochs, batch 128, lr 0.2.
+"""CIFAR-10, PreAct-ResNet-18, the default settings: eps 8/255, 30 epochs, batch 128, lr 0.2.
 
 Command (one run per preset; the text after the colon picks the method):
     python -m experiments.train --config=experiments/configs/cifar10.py:apart \
@@ -11,14 +11,14 @@ prepare it once (python -m apart_jax.data prepare cifar10) and replace --config.
 with --config.dataset=cifar10 (same images, same defaults: grey padding of 4, flips).
 Expected runtime: GPU only; see docs/benchmarks.md (no GPU timing measured yet; on the
 2-core CPU a width-16 model trains at about 190 images/s for APART, 48 for PGD-10).
-Expected result (paper, spec sections 1 and 8; PGD-20 at eps 8/255 on the 10k test set):
+Expected result (the paper's numbers; PGD-20 at eps 8/255 on the 10k test set):
 APART 49.30%, PGD-10 47.43%, FGSM+ about 46% (read off a figure), FGSM 44.36% at epoch 20
 then 0% by epoch 30 (catastrophic overfitting from about epoch 22); clean accuracy of the
-robust models about 80-85%. The spec gives no FGSM-RS number; not measured here.
+robust models about 80-85%. No FGSM-RS number is quoted from the paper; not measured here.
 
 Everything else is the release's: SGD with a triangular rate 0 -> 0.2 -> 0 over the 30
 epochs, weight decay 2e-4, psi's rate 5e-8 unscaled (11,730 steps, the count it is tuned
-for), PGD-20 evaluation every 2 epochs on the full test set.
+for), PGD-20 evaluation every 2 epochs on the full test set (docs/algorithm.md).
 """
 
 import ml_collections

@@ -11,8 +11,8 @@ TFDS (dataset "cifar100"; --config.data_dir=DIR for a non-default TFDS directory
 of CIFAR-100 works too: --config.dataset=npz --config.npz_path=cifar100.npz.
 Expected runtime: GPU only; about the same as experiments/configs/cifar10.py (same image
 count and model; only the head has 100 outputs); see docs/benchmarks.md.
-Expected result: the spec records no CIFAR-100 numbers from the paper (its figures are for
-CIFAR-10); not measured here. Robust accuracy is far below CIFAR-10's on this harder task.
+Expected result: no CIFAR-100 number from the paper is quoted here; not measured here.
+Robust accuracy is far below CIFAR-10's on this harder task.
 
 Same augmentation as CIFAR-10 (grey padding of 4 pixels, random crops, flips). 50,000
 training images at batch 128 give the 11,730 steps that psi's defaults are tuned for, so

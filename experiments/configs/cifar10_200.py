@@ -9,7 +9,7 @@ Presets: apart (the default), pgd10. With TFDS: --config.dataset=cifar10 instead
 --config.npz_path (see experiments/configs/cifar10.py).
 Expected runtime: GPU only; about 200 / 30 = 6.7 times the 30-epoch run of the same
 method in experiments/configs/cifar10.py (see docs/benchmarks.md; no GPU timing yet).
-Expected result (paper, spec section 1, read off the authors' figure; PGD-20 at eps 8/255):
+Expected result (the paper's, read off the authors' figure; PGD-20 at eps 8/255):
 APART best about 0.49, last (epoch 200) about 0.42; PGD-10 best about 0.47, last about
 0.31. Not measured here.
 

@@ -15,12 +15,13 @@ Expected result (measured, docs/results.md): FGSM collapses (PGD-20 accuracy bel
 epoch 7, 3.9% at the end) and so does fgsm16; FGSM-RS, FGSM+, APART and PGD-10 end at
 25-27% PGD-20 and 39-44% clean accuracy on the 256 test images.
 
-Departures from the spec's CIFAR-10 defaults, all for the CPU budget:
+Departures from the CIFAR-10 defaults, all for the CPU budget:
 * width 16 (a quarter of the channels), the first 5,000 training images, 15 epochs;
 * clean and PGD-20 accuracy every epoch on the first 256 test images (the study script
   evaluates the best and last epochs under C&W and AutoAttack on the first 100);
 * a checkpoint every epoch, all kept, for experiments.robustness_drop;
-* psi's rate auto-scaled by 11,730 / 600 steps (spec section 5), used by FGSM+ and APART.
+* psi's rate auto-scaled by 11,730 / 600 steps (docs/algorithm.md#optimizers-and-schedules),
+  used by FGSM+ and APART.
 Evaluation is always at eps 8/255, also for fgsm16.
 """
 

@@ -11,7 +11,7 @@ TFDS (dataset "svhn_cropped": 73,257 training and 26,032 test images, the "extra
 unused); --config.data_dir=DIR for a non-default TFDS directory.
 Expected runtime: GPU only; about 1.5 times experiments/configs/cifar10.py (73,257 against
 50,000 training images, 26,032 against 10,000 test images); see docs/benchmarks.md.
-Expected result: the spec records no SVHN numbers from the paper; not measured here.
+Expected result: no SVHN number from the paper is quoted here; not measured here.
 
 Departures from the CIFAR-10 defaults:
 * lr_max 0.05 instead of 0.2. SVHN adversarial training is reported to diverge, or to

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # Paper-size APART and FGSM on one GPU: CIFAR-10, PreAct-ResNet-18 (width 64), 30 epochs at
-# batch 128 with the spec's defaults (experiments/configs/cifar10.py), clean and PGD-20
+# batch 128 with the default settings (experiments/configs/cifar10.py), clean and PGD-20
 # accuracy every 2 epochs on 1,000 test images, then PGD-20 on the full 10,000 test images;
 # a table (experiments.summarize) and the accuracy curves (experiments.plot) under $OUT.
 #
 #   bash experiments/gpu/paper_runs.sh SRC.npz
 #
-# SRC.npz: a decoded CIFAR-10 npz, or the JPEG q75 copy, decoded first by $DECODER (default
-# ../shared/tools/cifar10_jpeg_to_npz.py). The decoded file (184 MB) is too large to carry to
+# SRC.npz: a decoded CIFAR-10 npz, or the JPEG q75 copy, decoded first by the script named by
+# $DECODER (see experiments/cifar10_npz.sh). The decoded file (184 MB) is too large to carry to
 # the GPU machine, the JPEG copy (56 MB) and the decoder are not: copy both into .data/
 # (ignored by git) and run
 #   DECODER=.data/cifar10_jpeg_to_npz.py bash experiments/gpu/paper_runs.sh .data/cifar10_jpeg_q75.npz
 # The GPU image lacks ml_collections: carry it as a wheel in .whl/ (see setup.sh).
 # Expected runtime on one H100 in bfloat16: about 10 minutes (an estimate from the speed
-# benchmark's design, not yet measured). Expected result (paper, spec section 8, float32):
+# benchmark's design, not yet measured). Expected result (the paper's, float32):
 # APART 49.30% PGD-20 accuracy at epoch 30, FGSM 44.36% at epoch 20 and 0% at epoch 30.
 # Sizes can be shrunk for a CPU rehearsal: EPOCHS=2 WIDTH=4 TRAIN_SIZE=512 EVAL_POINTS=64
-# DTYPE=float32 PYTHON=/work/venv/bin/python.
+# DTYPE=float32 (PYTHON=PATH picks the interpreter, for example a virtual environment's).
 set -euo pipefail
 src=${1:?usage: paper_runs.sh SRC.npz}
 OUT=${OUT:-runs/gpu_paper}
