@@ -13,17 +13,24 @@ import numpy as np
 import pytest
 from conftest import ROOT, module_env, tiny_config
 
+from apart_jax.checkpoint import restore_checkpoint
 from apart_jax.logbook import read_rows
-from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
+from apart_jax.run import setup_run
+from apart_jax.trainer import train_and_evaluate
 
-COMPARED = ("train_loss", "train_acc", "clean_acc", "pgd20_acc")
+pytestmark = pytest.mark.slow  # several devices and processes, in subprocesses
+
+ACCURACIES = ("train_acc", "clean_acc", "pgd20_acc")
 
 FOUR_DEVICE_RUN = """
 import json, sys
 sys.path.insert(0, "tests")
 import jax
 from conftest import tiny_config
-from apart_jax.train import restore_checkpoint, setup_run, train_and_evaluate
+from apart_jax.checkpoint import restore_checkpoint
+from apart_jax.run import setup_run
+from apart_jax.trainer import train_and_evaluate
+
 assert jax.device_count() == 4
 config = tiny_config(**json.loads(sys.argv[1]))
 print(json.dumps(train_and_evaluate(config, sys.argv[2]).last))
@@ -131,10 +138,19 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     rows_four = read_rows(str(tmp_path / "four" / "metrics.jsonl"))
     rows_two = read_rows(str(tmp_path / "two" / "metrics.jsonl"))
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_four] == [5, 10]
+    # The runs differ only in float rounding: XLA adds the 4 devices' partial sums in device
+    # order in one process, gloo's ring all-reduce starts each quarter of a buffer at another
+    # device, and even with gloo in both a per-device conv gradient can differ in its last
+    # bit. APART steps along signs of gradients (input, layers, Omega's update), so a flipped
+    # near-zero sign can grow that into a visible difference. Measured on a 2-core AMD EPYC,
+    # seeds 0-9 on jax 0.10.2 and seed 0 on jax 0.10.0 and 0.10.1 and with 1 to 16 CPU
+    # threads: accuracies always equal, train loss within 5.8e-5 and alpha within 1.6e-3
+    # relative (seed 0 on jax 0.10.0 and 0.10.1: 8e-6 and 2.3e-5, the reported failure);
+    # runs from another seed differ in accuracy and by >= 1.7e-2 in alpha.
     for a, b in zip(rows_two, rows_four, strict=True):
-        for key in COMPARED:
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5)
-        np.testing.assert_allclose(a["psi"]["alpha"], b["psi"]["alpha"], rtol=1e-5)
+        assert {k: a[k] for k in ACCURACIES} == {k: b[k] for k in ACCURACIES}
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-3)
+        np.testing.assert_allclose(a["psi"]["alpha"], b["psi"]["alpha"], rtol=1e-2)
 
     # Kill after epoch 1's checkpoint: the 2-process run resumes to the same result.
     shutil.rmtree(tmp_path / "two" / "checkpoints" / "10")
