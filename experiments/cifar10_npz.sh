@@ -3,17 +3,20 @@
 # JPEG q75 copy first if SRC is that copy:
 #   data=$(bash experiments/cifar10_npz.sh SRC.npz DIR)
 # A decoded SRC is printed as it is; the JPEG copy is decoded once into DIR/cifar10_q75.npz
-# with $DECODER (default ../shared/tools/cifar10_jpeg_to_npz.py, beside this repository).
+# with $DECODER, the decoding script that comes with the JPEG copy (not part of this repository):
+#   DECODER=/path/to/cifar10_jpeg_to_npz.py bash experiments/cifar10_npz.sh SRC.npz DIR
 set -euo pipefail
 src=${1:?usage: cifar10_npz.sh SRC.npz DIR}
 dir=${2:?usage: cifar10_npz.sh SRC.npz DIR}
 python=${PYTHON:-python}
-decoder=${DECODER:-$(dirname "$0")/../../shared/tools/cifar10_jpeg_to_npz.py}
 if "$python" -c "import numpy, sys; sys.exit('x_train' not in numpy.load(sys.argv[1]).files)" "$src"; then
   echo "$src"
   exit 0
 fi
 mkdir -p "$dir"
 out="$dir/cifar10_q75.npz"
-[ -f "$out" ] || "$python" "$decoder" "$src" "$out" >&2
+if [ ! -f "$out" ]; then
+  decoder=${DECODER:?$src is the JPEG copy: set DECODER to its decoding script (cifar10_jpeg_to_npz.py)}
+  "$python" "$decoder" "$src" "$out" >&2
+fi
 echo "$out"

@@ -4,7 +4,7 @@
 #   bash experiments/cifar10_subset_study.sh SRC.npz [RUNS_DIR]
 #
 # SRC.npz is either the decoded x_train/y_train/x_test/y_test layout or the JPEG copy
-# (../shared/data/cifar10_jpeg_q75.npz), decoded first (experiments/cifar10_npz.sh). Steps:
+# (cifar10_jpeg_q75.npz), decoded first by experiments/cifar10_npz.sh with $DECODER. Steps:
 # 1. train the six presets of experiments/configs/cifar10_subset.py (a checkpoint per epoch);
 # 2. the robustness-drop analysis of FGSM and FGSM+ against the PGD-10 reference
 #    (experiments.robustness_drop) on the 256 test images and 256 training images;
