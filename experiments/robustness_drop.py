@@ -57,6 +57,7 @@ from apart_jax.progress import progress_bar
 from apart_jax.run import load_model, run_model
 from apart_jax.step import augment_spec, epoch_batch_sizes
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
+from experiments.drop_figures import plot_curves, plot_perturbations
 from experiments.runs import epoch_steps, load_run_data
 
 FLAGS = flags.FLAGS
@@ -301,11 +302,6 @@ def choose_image_epochs(rows: Sequence[dict]) -> tuple[int, int]:
     return rows[best]["epoch"], worst["epoch"]
 
 
-def format_value(value: float | int) -> str:
-    """Epochs and steps as integers, measurements with 6 decimals, absent ones as 'nan'."""
-    return str(value) if isinstance(value, int) else f"{value:.6f}"
-
-
 def write_csv(rows: Sequence[dict], path: str) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -314,77 +310,6 @@ def write_csv(rows: Sequence[dict], path: str) -> None:
             writer.writerow(
                 {k: row[k] if k in ("epoch", "step") else f"{row[k]:.6f}" for k in COLUMNS}
             )
-
-
-def plot_columns(axis, rows: Sequence[dict], columns: dict[str, str]) -> None:
-    """Draws each column of ``rows`` against the epoch on ``axis``, labelled by the key of
-    ``columns`` ({label: column}); columns that are NaN throughout are left out."""
-    epochs = [r["epoch"] for r in rows]
-    for label, key in columns.items():
-        values = [r[key] for r in rows]
-        if not all(math.isnan(v) for v in values):
-            axis.plot(epochs, values, marker="o", label=label)
-
-
-def plot_curves(rows: Sequence[dict], path: str, title: str) -> None:
-    """Accuracies (left) and both gap diagnostics (right) per epoch, into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    curves = {
-        "Acc(ref, random signs)": "ref_random_acc",
-        "Acc(ref, FGSM(theta_FGSM@i))": "ref_fgsm_acc",
-        "Acc(theta_FGSM@i, PGD-20)": "fgsm_pgd20_acc",
-        "Acc(theta_FGSM+@i, PGD-20)": "fgsm_plus_pgd20_acc",
-    }
-    plot_columns(left, rows, curves)
-    left.set(xlabel="epoch i", ylabel="accuracy", ylim=(0, 1), title="accuracies")
-    left.legend(fontsize=8)
-    gaps = {
-        "(a) transfer: ref random - ref FGSM": "transfer_gap",
-        "(b) white-box CE, FGSM model: PGD-20 - FGSM": "fgsm_whitebox_gap",
-        "(b) white-box CE, FGSM+ model: PGD-20 - own generator": "fgsm_plus_whitebox_gap",
-    }
-    plot_columns(right, rows, gaps)
-    right.axhline(0.0, color="grey", linewidth=0.8)
-    right.set(xlabel="epoch i", ylabel="gap", title="perturbation strength gaps")
-    right.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_perturbations(
-    images: np.ndarray, perturbations: dict[int, np.ndarray], eps: float, path: str
-) -> None:
-    """Images (N, H, W, C) in [0, 1] in the top row; each epoch's perturbation below.
-
-    Perturbations are shown as 0.5 + delta / (2 eps): grey is 0, black -eps, white +eps.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = 1 + len(perturbations)
-    fig, axes = plt.subplots(rows, len(images), figsize=(1.6 * len(images), 1.7 * rows))
-    axes = np.asarray(axes).reshape(rows, len(images))
-    panels = [("image", images)] + [
-        (f"FGSM delta, epoch {e}", 0.5 + d / (2 * eps)) for e, d in perturbations.items()
-    ]
-    for r, (label, pictures) in enumerate(panels):
-        for c, picture in enumerate(pictures):
-            axes[r, c].imshow(np.clip(picture, 0, 1).squeeze(), cmap="gray", vmin=0, vmax=1)
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-        axes[r, 0].set_ylabel(label, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv: list[str]) -> None:
