@@ -57,7 +57,8 @@ def crop_and_flip(frames: jax.Array, aug: Augmentation, size: tuple[int, int]) -
     """
 
     def crop(frame, offset):
-        return jax.lax.dynamic_slice(frame, (offset[0], offset[1], 0), (*size, frame.shape[-1]))
+        start = (offset[0], offset[1], jnp.zeros_like(offset[0]))  # one index dtype, also under x64
+        return jax.lax.dynamic_slice(frame, start, (*size, frame.shape[-1]))
 
     return _mirror(jax.vmap(crop)(frames, aug.offsets), aug.flips)
 
@@ -78,6 +79,7 @@ def uncrop_and_unflip(frames: jax.Array, windows: jax.Array, aug: Augmentation) 
     """
 
     def write(frame, window, offset):
-        return jax.lax.dynamic_update_slice(frame, window, (offset[0], offset[1], 0))
+        start = (offset[0], offset[1], jnp.zeros_like(offset[0]))
+        return jax.lax.dynamic_update_slice(frame, window, start)
 
     return jax.vmap(write)(frames, _mirror(windows, aug.flips).astype(frames.dtype), aug.offsets)

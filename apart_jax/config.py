@@ -53,7 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = "preact_resnet18"
     c.width = 64
     c.shortcut_input = "raw"
-    c.dtype = "float32"  # computation dtype: "float32" or "bfloat16" (params stay float32)
+    # Computation dtype: "float32", "bfloat16" (weights, BN statistics and psi stay float32)
+    # or "float64" (everything float64; the run enables jax_enable_x64 for its process).
+    c.dtype = "float32"
 
     # Method and threat model.
     c.method = "apart"
@@ -77,7 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.alpha_omega_init = 1e-4
     c.layer_alpha_init = 0.0
     c.omega_init_std = 1e-3
-    c.omega_dtype = "float32"  # Omega's storage: "float32" or "bfloat16" (half the memory)
+    # Omega's storage: "float32", "bfloat16" (half the memory) or "float64" (float64 runs
+    # only); None = float64 in float64 runs, float32 otherwise (see omega_storage).
+    c.omega_dtype = placeholder(str)
     c.psi_lr_max = 5e-8
     c.psi_weight_decay = 400.0
     c.psi_lr_scale = 1.0
@@ -128,6 +132,14 @@ EXECUTION_KEYS = frozenset(
 )
 
 
+def omega_storage(dtype: str, omega_dtype: str | None) -> str:
+    """The name of Omega's storage dtype for a run computing in ``dtype``: ``omega_dtype``,
+    or when it is None, "float64" for float64 runs and "float32" otherwise."""
+    if omega_dtype is not None:
+        return omega_dtype
+    return "float64" if dtype == "float64" else "float32"
+
+
 def config_as_json(config: ml_collections.ConfigDict) -> dict:
     """The config as plain JSON values (what ``config.json`` and checkpoints hold)."""
     return json.loads(config.to_json_best_effort())
@@ -162,6 +174,9 @@ def resume_conflicts(saved: dict, config: ml_collections.ConfigDict) -> list[str
     """
     current, defaults = config_as_json(config), config_as_json(default_config())
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    # Compare what a value means: an explicit "float32" and a None that resolves to it agree.
+    for values in (saved, current):
+        values["omega_dtype"] = omega_storage(values["dtype"], values["omega_dtype"])
     return [
         f"{key}: {saved.get(key)!r} (saved) != {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))
@@ -213,8 +228,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         c.dtype in COMPUTE_DTYPES, f"dtype={c.dtype!r}: choose one of {sorted(COMPUTE_DTYPES)}"
     )
     _require(
-        c.omega_dtype in OMEGA_DTYPES,
-        f"omega_dtype={c.omega_dtype!r}: choose one of {sorted(OMEGA_DTYPES)}",
+        c.omega_dtype is None or c.omega_dtype in OMEGA_DTYPES,
+        f"omega_dtype={c.omega_dtype!r}: choose one of {sorted(OMEGA_DTYPES)} or None",
+    )
+    _require(
+        c.omega_dtype != "float64" or c.dtype == "float64",
+        "omega_dtype='float64' needs dtype='float64'",
     )
     _require(
         isinstance(c.checkpoint_every, int) and c.checkpoint_every >= 0,

@@ -334,8 +334,8 @@ def to_device(images: np.ndarray, labels: np.ndarray, sharding=None) -> DeviceDa
 
 
 def to_unit_range(images: jax.Array) -> jax.Array:
-    """uint8 images in [0, 255] -> float32 in [0, 1]."""
-    return images.astype(jnp.float32) / 255.0
+    """uint8 images in [0, 255] -> [0, 1] in JAX's float dtype: float32, or float64 under x64."""
+    return images.astype(jax.dtypes.canonicalize_dtype(jnp.float64)) / 255.0
 
 
 if __name__ == "__main__":

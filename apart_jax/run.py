@@ -18,10 +18,16 @@ import numpy as np
 from jax.sharding import Mesh
 
 from apart_jax.checkpoint import open_checkpoints, restore_inference, saved_step
-from apart_jax.config import REFERENCE_PSI_STEPS, ConfigError, read_run_config, validate_config
+from apart_jax.config import (
+    REFERENCE_PSI_STEPS,
+    ConfigError,
+    omega_storage,
+    read_run_config,
+    validate_config,
+)
 from apart_jax.data import Dataset, DeviceData, load_dataset, load_test_split, to_device
 from apart_jax.methods import OMEGA_DTYPES, Method, create_method, init_omega, init_psi
-from apart_jax.models import PSI, create_model, init_variables
+from apart_jax.models import PSI, cast_variables, create_model, init_variables, storage_dtype
 from apart_jax.optim import cyclic_sgd
 from apart_jax.parallel import data_mesh, padded_rows, replicated
 from apart_jax.state import StepContext, TrainState
@@ -103,6 +109,7 @@ def create_train_state(
                 alpha_omega=config.alpha_omega_init,
                 layer_alpha=config.layer_alpha_init,
             )
+    variables = cast_variables(variables, storage_dtype(config.dtype))
     psi = variables[PSI]
     learns_psi = method.learns_psi
     height, width, channels = image_shape
@@ -114,7 +121,7 @@ def create_train_state(
             frame,
             config.omega_init_std,
             rows=omega_rows,
-            dtype=OMEGA_DTYPES[config.omega_dtype],
+            dtype=OMEGA_DTYPES[omega_storage(config.dtype, config.omega_dtype)],
         )
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -154,6 +161,13 @@ class Run:
     @property
     def steps_per_epoch(self) -> int:
         return len(self.batch_sizes)
+
+
+def use_run_precision(config: ml_collections.ConfigDict) -> None:
+    """Enables ``jax_enable_x64`` for this process when ``config.dtype`` is "float64" (before
+    any array of the run exists); other dtypes leave JAX's setting as it is."""
+    if config.dtype == "float64" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
 
 
 def run_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -206,6 +220,7 @@ def setup_run(
       ConfigError, DatasetError: invalid configuration or data, in one line.
     """
     validate_config(config)
+    use_run_precision(config)
     if dataset is None:
         dataset = run_dataset(config)
     augment = augment_spec(config)
@@ -298,6 +313,7 @@ def load_model(workdir: str, step: int | None = None, *, omega: bool = False) ->
     """
     config = read_run_config(workdir)
     validate_config(config)
+    use_run_precision(config)
     with open_checkpoints(workdir) as checkpoints:
         step = saved_step(checkpoints, step)
         meta = checkpoints.read_meta(step)

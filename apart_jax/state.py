@@ -96,6 +96,7 @@ class EpochTotals(NamedTuple):
 
 
 def zero_totals(mesh: Mesh) -> EpochTotals:
-    """:class:`EpochTotals` of an epoch not yet started, replicated over ``mesh``."""
-    zero = jax.device_put(np.zeros((), np.float32), replicated(mesh))
+    """:class:`EpochTotals` of an epoch not yet started, replicated over ``mesh``, in JAX's
+    float dtype (float32, or float64 under x64, the dtype of a float64 run's metrics)."""
+    zero = jax.device_put(np.zeros((), jax.dtypes.canonicalize_dtype(np.float64)), replicated(mesh))
     return EpochTotals(zero, zero)

@@ -46,8 +46,12 @@ PyTree = Any
 
 OMEGA_RATIO_EPS = 1e-7
 
-# Omega's storage dtypes by config name; steps compute in float32 either way.
-OMEGA_DTYPES: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Omega's storage dtypes by config name; steps compute in the images' dtype either way.
+OMEGA_DTYPES: dict[str, jnp.dtype] = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float64": jnp.float64,
+}
 
 
 def init_psi(template: PyTree, *, alpha: float, alpha_omega: float, layer_alpha: float) -> PyTree:
@@ -113,7 +117,7 @@ class Apart:
     ) -> tuple[TrainState, Metrics]:
         x, y, eps = inputs.x, inputs.y, ctx.eps
         psi = state.psi
-        frames = state.omega[inputs.indices].astype(jnp.float32)
+        frames = state.omega[inputs.indices].astype(x.dtype)
         omega = crop_and_flip(frames, inputs.aug, ctx.image_size)
 
         def initial_delta(psi):
@@ -147,7 +151,8 @@ class Apart:
         )(state.params, psi, jnp.zeros_like(x))
 
         # Omega: ascend along sign(g'_x), with the psi of before this step.
-        ratio = psi["alpha"] / (psi["alpha_omega"] + OMEGA_RATIO_EPS)
+        alpha, alpha_omega = (jnp.asarray(psi[k], x.dtype) for k in ("alpha", "alpha_omega"))
+        ratio = alpha / (alpha_omega + OMEGA_RATIO_EPS)
         omega = jnp.clip(omega + ratio * jnp.sign(g_input), -1.0, 1.0)
         frames = uncrop_and_unflip(frames, omega, inputs.aug)
         new_omega = state.omega.at[inputs.indices].set(frames.astype(state.omega.dtype))

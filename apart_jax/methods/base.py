@@ -71,7 +71,8 @@ def mean_cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
 
 def step_metrics(loss: jax.Array, logits: jax.Array, y: jax.Array) -> Metrics:
     """The per-step metrics every method returns."""
-    return {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+    correct = (jnp.argmax(logits, -1) == y).astype(loss.dtype)
+    return {"loss": loss, "accuracy": jnp.mean(correct)}
 
 
 def apply_weight_gradients(ctx: StepContext, state: TrainState, grads: PyTree) -> TrainState:

@@ -38,18 +38,37 @@ __all__ = [
     "SITES",
     "PreActBlock",
     "PreActResNet",
+    "cast_variables",
     "create_model",
     "flatten_variables",
     "init_variables",
     "load_variables",
     "preact_resnet18",
     "small_cnn",
+    "storage_dtype",
     "wide_resnet34_10",
 ]
 
 
 # Computation dtypes by config name; float32 leaves it to the inputs (float64 under x64).
-COMPUTE_DTYPES: dict[str, jnp.dtype | None] = {"float32": None, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES: dict[str, jnp.dtype | None] = {
+    "float32": None,
+    "bfloat16": jnp.bfloat16,
+    "float64": jnp.float64,
+}
+
+
+def storage_dtype(dtype: str) -> jnp.dtype:
+    """The dtype a run computing in ``dtype`` stores its weights, BN statistics and psi in:
+    float64 for "float64" (which needs ``jax_enable_x64``), float32 otherwise."""
+    return jnp.dtype(jnp.float64 if dtype == "float64" else jnp.float32)
+
+
+def cast_variables(variables: Any, dtype: jnp.dtype) -> Any:
+    """``variables`` (any pytree) with every floating-point leaf cast to ``dtype``."""
+    return jax.tree.map(
+        lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, variables
+    )
 
 
 def create_model(
@@ -58,7 +77,12 @@ def create_model(
     """Builds a model by registry name (see :data:`MODELS`).
 
     ``dtype`` names the computation dtype (see :data:`COMPUTE_DTYPES`): "bfloat16" runs
-    convolutions and activations in bfloat16 with float32 parameters, BN statistics and logits.
+    convolutions and activations in bfloat16 with float32 parameters, BN statistics and logits;
+    "float64" computes everything in float64 and needs ``jax_enable_x64`` (its variables are
+    cast to float64 by the caller, :func:`cast_variables`).
+
+    Raises:
+      ValueError: for an unknown name or dtype, a width below 1, or "float64" without x64.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
@@ -66,6 +90,11 @@ def create_model(
         raise ValueError(f"model width must be positive, got {width}")
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(COMPUTE_DTYPES)}")
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "dtype='float64' needs jax_enable_x64: call jax.config.update('jax_enable_x64', True)"
+            " first (a run with --config.dtype=float64 does)"
+        )
     return MODELS[name](
         num_classes=num_classes,
         width=width,
