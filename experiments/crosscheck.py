@@ -1,7 +1,7 @@
 """Our AutoAttack against the original, on the same model: a run's checkpoint and its PyTorch copy.
 
     python -m experiments.crosscheck --workdir=DIR [--num_points=0] [--eps=...] [--step=STEP] \
-        [--batch_size=500] [--seed=0] [--out=FILE] [--torch_threads=0]
+        [--npz=FILE] [--batch_size=500] [--seed=0] [--out=FILE] [--torch_threads=0]
 
 Reads checkpoint --step of DIR (default: the newest), exports it in memory to the PyTorch
 twin of apart_jax.interop.torch_model (eval mode, float32) and, on the first --num_points
@@ -45,9 +45,8 @@ from apart_jax.attacks.suite import AUTOATTACK, run_suite
 from apart_jax.config import ConfigError
 from apart_jax.interop import export_state_dict, exported_architecture
 from apart_jax.progress import progress_bar
-from apart_jax.run import run_test_split
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
-from experiments.evaluate import load_run
+from experiments.evaluate import attack_points, load_run
 from experiments.export import CROSSCHECK_FILE
 
 FLAGS = flags.FLAGS
@@ -62,6 +61,7 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_integer("num_points", 0, "Test points, the first ones (0 = all).")
+    flags.DEFINE_string("npz", "", "Attack the x_test, y_test of this npz instead.")
     flags.DEFINE_float("eps", None, "L-inf radius (default: the run's eval_eps).")
     flags.DEFINE_integer("batch_size", 500, "Points per batch, for both implementations.")
     flags.DEFINE_integer("seed", 0, "Seed of both AutoAttacks.")
@@ -338,13 +338,7 @@ def crosscheck_workdir() -> dict[str, Any]:
         torch.set_num_threads(FLAGS.torch_threads)
     trained, _ = load_run(FLAGS.workdir, FLAGS.step)
     config = trained.config
-    x, y = run_test_split(config, trained.model.num_classes)
-    test_points = len(y)
-    if FLAGS.num_points:
-        if FLAGS.num_points > len(y):
-            raise ConfigError(f"num_points={FLAGS.num_points} but only {len(y)} test points")
-        x, y = x[: FLAGS.num_points], y[: FLAGS.num_points]
-    x = x.astype(np.float32) / 255.0
+    x, y, split_points = attack_points(trained, FLAGS.npz, FLAGS.num_points)
     eps = config.eval_eps if FLAGS.eps is None else FLAGS.eps
     try:
         arch = exported_architecture(trained.model, trained.variables)
@@ -366,7 +360,8 @@ def crosscheck_workdir() -> dict[str, Any]:
         # float32 PyTorch copy by more than rounding); the copy's weights are float32.
         "jax_dtype": config.get("dtype", "float32"),
         "dataset": config.dataset,
-        "test_points": test_points,
+        "npz": os.path.abspath(FLAGS.npz) if FLAGS.npz else None,
+        "test_points": split_points,
         "bn_mode": "inference",
     }
     report.update(

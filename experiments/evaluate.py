@@ -112,21 +112,36 @@ def load_run(workdir: str, step: int | None = None) -> tuple[TrainedModel, int]:
     return trained, steps[-1]
 
 
+def attack_points(
+    trained: TrainedModel, npz: str = "", num_points: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The points to attack: the first ``num_points`` (0 = all) of the run's test split, or of
+    the ``x_test, y_test`` in ``npz``; images (M, H, W, C) float32 in [0, 1], labels (M,), and
+    how many points the split holds.
+
+    Raises:
+      ConfigError: more points asked for than the split holds.
+      DatasetError: the npz's images do not fit the model.
+    """
+    x, y = run_test_split(trained.config, trained.model.num_classes)
+    image_shape = x.shape[1:]
+    if npz:
+        data = load_npz(npz)
+        x, y = data.x_test, data.y_test
+    available = len(y)
+    if num_points:
+        if num_points > available:
+            raise ConfigError(f"num_points={num_points} but only {available} test points")
+        x, y = x[:num_points], y[:num_points]
+    if x.shape[1:] != image_shape:
+        raise DatasetError(f"test images {x.shape[1:]} do not fit the model's {image_shape}")
+    return x.astype(np.float32) / 255.0, y, available
+
+
 def evaluate_workdir() -> dict:
     trained, newest = load_run(FLAGS.workdir, FLAGS.step)
     config = trained.config
-    x, y = run_test_split(config, trained.model.num_classes)
-    image_shape = x.shape[1:]
-    if FLAGS.npz:
-        data = load_npz(FLAGS.npz)
-        x, y = data.x_test, data.y_test
-    if FLAGS.num_points:
-        if FLAGS.num_points > len(y):
-            raise ConfigError(f"num_points={FLAGS.num_points} but only {len(y)} test points")
-        x, y = x[: FLAGS.num_points], y[: FLAGS.num_points]
-    if x.shape[1:] != image_shape:
-        raise DatasetError(f"test images {x.shape[1:]} do not fit the model's {image_shape}")
-    x = x.astype(np.float32) / 255.0
+    x, y, _ = attack_points(trained, FLAGS.npz, FLAGS.num_points)
     eps = config.eval_eps if FLAGS.eps is None else FLAGS.eps
     variables = trained.variables
 

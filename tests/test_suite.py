@@ -7,12 +7,16 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import run_module, tiny_config
+from conftest import run_module, tiny_config, write_npz
 
 from apart_jax.attacks import AUTOATTACK, make_attack, measure_passes, run_suite
 from apart_jax.checkpoint import restore_checkpoint
-from apart_jax.run import setup_run
+from apart_jax.config import ConfigError
+from apart_jax.data import DatasetError
+from apart_jax.models import create_model
+from apart_jax.run import TrainedModel, setup_run
 from apart_jax.trainer import train_and_evaluate
+from experiments.evaluate import attack_points
 
 pytestmark = pytest.mark.slow  # trains a run, then attacks it with every attack and the commands
 
@@ -146,3 +150,24 @@ def test_evaluate_command_rejects_a_directory_without_a_run(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert "config.json" in proc.stderr
+
+
+def test_attack_points_take_the_first_points_of_the_split_or_of_another_npz(tmp_path):
+    run_npz = write_npz(tmp_path / "run.npz", test=8)
+    other = write_npz(tmp_path / "other.npz", test=12)
+    config = tiny_config(dataset="npz", npz_path=str(tmp_path / "run.npz"))
+    model = create_model("small_cnn", num_classes=4, width=4)
+    trained = TrainedModel(config, model, {}, {}, step=0, num_train=20, omega=None)
+
+    x, y, available = attack_points(trained, num_points=5)
+    assert (x.dtype, x.shape, available) == (np.float32, (5, 6, 6, 3), 8)
+    np.testing.assert_array_equal(x * 255.0, run_npz["x_test"][:5])
+    np.testing.assert_array_equal(y, run_npz["y_test"][:5])
+    x, y, available = attack_points(trained, npz=str(tmp_path / "other.npz"))
+    assert available == 12
+    np.testing.assert_array_equal(y, other["y_test"])
+    with pytest.raises(ConfigError, match="num_points=9 but only 8 test points"):
+        attack_points(trained, num_points=9)
+    write_npz(tmp_path / "small.npz", image_shape=(4, 4, 3))
+    with pytest.raises(DatasetError, match="do not fit"):
+        attack_points(trained, npz=str(tmp_path / "small.npz"))
