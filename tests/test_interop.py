@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 
 import jax
 import numpy as np
 import pytest
-from conftest import run_module, tiny_config
+from conftest import ROOT, run_module, tiny_config
 from flax import traverse_util
 
 torch = pytest.importorskip("torch")
@@ -158,6 +159,23 @@ def test_export_then_import_is_bit_exact(psi):
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
+
+
+def test_readme_pytorch_example_runs(tmp_path, monkeypatch):
+    """The README's "Back into JAX" block, on a state dict saved as model.pt."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("### PyTorch", 1)[1].split("\n## ", 1)[0]
+    (block,) = [b.split("```", 1)[0] for b in section.split("```python")[1:]]
+    model = create_model("preact_resnet18", num_classes=10, width=8)
+    variables = random_variables(model, 3, image_shape=(32, 32, 3))
+    state_dict = export_state_dict(model, variables, step=1)
+    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, tmp_path / "model.pt")
+    monkeypatch.chdir(tmp_path)
+    x = np.random.default_rng(0).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    namespace = {"images_nhwc_in_0_1": x}
+    exec(compile(block, "README.md", "exec"), namespace)
+    expected = model.apply(variables, x, train=False)
+    np.testing.assert_array_equal(namespace["logits"], expected)
 
 
 def test_the_apart_release_preact20_layout_imports_psi():
