@@ -7,8 +7,9 @@ A checkpoint ``WORKDIR/checkpoints/STEP`` holds three items:
 * ``totals``: the running sums of the current epoch's training loss and accuracy, so a
   run resumed mid-epoch reports the same epoch means;
 * ``meta``: JSON with the run's config (to refuse resuming a different run), the training
-  examples and Omega's stored rows (to re-pad Omega for another device count), and the
-  training seconds so far (:func:`checkpoint_meta`).
+  examples and Omega's stored rows (to re-pad Omega for another device count), the
+  training seconds so far (:func:`checkpoint_meta`) and a digest of every saved array
+  (:mod:`apart_jax.integrity`), verified by every restore.
 
 The data order needs nothing more: epoch ``e``'s permutation is a function of the seed
 and ``e`` (:func:`apart_jax.step.epoch_order`), and the step counter says where in it the
@@ -20,14 +21,18 @@ writes collectively.
 
 A save that fails (a full disk, a lost bucket) raises :class:`CheckpointSaveError` naming
 the step, at the save itself or, for an asynchronous save, at the next save or wait. A
-checkpoint that cannot be restored is moved aside (:meth:`RunCheckpoints.set_aside`) into
-``WORKDIR/checkpoints.unreadable``, never deleted; :func:`restore_resume_point` then tries
-the next newest. :func:`restore_inference` reads only the parts a trained model needs.
+checkpoint that is demonstrably unreadable (:func:`damage_reason`: missing or truncated
+files, bad metadata, a digest that does not match) is moved aside
+(:meth:`RunCheckpoints.set_aside`) into ``WORKDIR/checkpoints.unreadable``, never deleted;
+:func:`restore_resume_point` then tries the next newest. Any other failure to restore (a
+bug, ``MemoryError``, a transient I/O error) raises :class:`CheckpointRestoreError` and
+moves nothing. :func:`restore_inference` reads only the parts a trained model needs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import shutil
@@ -43,6 +48,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from apart_jax.config import ConfigError, config_as_json, resume_conflicts
+from apart_jax.integrity import digest_mismatches, tree_digests
 from apart_jax.parallel import batch_sharded, replicated
 from apart_jax.state import EpochTotals, TrainState, zero_totals
 
@@ -54,6 +60,51 @@ PyTree = Any
 
 class CheckpointSaveError(RuntimeError):
     """Writing a checkpoint failed; the message names its step and the newest intact one."""
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint's files are damaged: its digests do not match, or its metadata is bad."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """Restoring a checkpoint failed for a reason other than damage to its files (a bug,
+    ``MemoryError``, a transient I/O error); nothing was moved. The message names the
+    checkpoint and the error."""
+
+
+# Statuses TensorStore reports when a checkpoint's bytes are missing, cut short or do not
+# decode; others (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ...) may pass.
+DAMAGE_STATUSES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+
+
+def first_line(error: BaseException) -> str:
+    """``error``'s message up to its first line break, at most 200 characters."""
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
+def damage_reason(error: BaseException) -> str | None:
+    """Why ``error`` (raised while restoring) shows the checkpoint itself is unreadable, or
+    None when it does not (then the checkpoint may be fine and must not be moved).
+
+    Damage is: a digest or metadata check that failed (:class:`UnreadableCheckpoint`), a
+    missing file or item, a JSON file that does not parse, or a TensorStore read that
+    reports one of :data:`DAMAGE_STATUSES`; the error's causes are searched too.
+    """
+    seen = error
+    while seen is not None:
+        message = first_line(seen)
+        if isinstance(seen, UnreadableCheckpoint):
+            return message
+        if isinstance(seen, json.JSONDecodeError):
+            return f"metadata is not JSON ({message})"
+        if isinstance(seen, FileNotFoundError):
+            return f"a file is missing ({message})"
+        if isinstance(seen, KeyError) and "not found in the checkpoint" in message:
+            return f"an item is missing ({message})"
+        if isinstance(seen, ValueError) and message.startswith(DAMAGE_STATUSES):
+            return message
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -115,10 +166,14 @@ class RunCheckpoints:
     def save(self, step: int, state: PyTree, totals: PyTree, meta: dict[str, Any]) -> str:
         """Saves checkpoint ``step`` (in the background when asynchronous); returns its path.
 
+        ``meta`` is stored with ``digests``: the digest of every array of ``state`` and
+        ``totals`` (:func:`apart_jax.integrity.tree_digests`), which restores verify.
+
         Raises:
           CheckpointSaveError: if this save, or the pending previous one, failed.
         """
         self._saved.append(step)
+        meta = {**meta, "digests": {"state": tree_digests(state), "totals": tree_digests(totals)}}
         with self._failures():
             self._manager.save(
                 step,
@@ -163,10 +218,35 @@ class RunCheckpoints:
         return target
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        """The JSON ``meta`` item of checkpoint ``step``."""
-        return self._manager.restore(
+        """The JSON ``meta`` item of checkpoint ``step``.
+
+        Raises:
+          UnreadableCheckpoint: if it is not a JSON object holding the run's config.
+        """
+        meta = self._manager.restore(
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
         ).meta
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise UnreadableCheckpoint(f"its metadata holds no run config: {str(meta)[:100]}")
+        return meta
+
+    def verify(self, step: int, item: str, tree: PyTree) -> None:
+        """Checks the restored ``tree`` of ``item`` against the digests saved with it.
+
+        Checkpoints written before digests were recorded are not checked.
+
+        Raises:
+          UnreadableCheckpoint: naming the arrays whose digest differs.
+        """
+        recorded = self.read_meta(step).get("digests")
+        if recorded is None:
+            return
+        bad = digest_mismatches(tree, recorded.get(item, {}))
+        if bad:
+            raise UnreadableCheckpoint(
+                f"the digest of {len(bad)} array(s) of {item!r} does not match the saved one "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the files are corrupt"
+            )
 
     def saved_shapes(self, step: int) -> dict[str, PyTree]:
         """The stored ``state`` item as a dict of its fields' trees of array metadata
@@ -183,7 +263,9 @@ class RunCheckpoints:
             partial_restore=True,
         )
         with _state_handler() as handler:
-            return handler.restore(self._state_path(step), args=args)
+            restored = handler.restore(self._state_path(step), args=args)
+        self.verify(step, "state", restored)
+        return restored
 
     def _state_path(self, step: int) -> pathlib.Path:
         return pathlib.Path(self.path(step), "state")
@@ -192,10 +274,13 @@ class RunCheckpoints:
         """Restores the named items (``state``, ``totals``) of checkpoint ``step``.
 
         Each target (a tree of arrays or ``jax.ShapeDtypeStruct``) gives the shapes, dtypes
-        and shardings to restore onto; items not named are not read.
+        and shardings to restore onto; items not named are not read. Every restored array is
+        checked against its saved digest (:meth:`verify`).
         """
         args = {name: ocp.args.StandardRestore(abstract_like(t)) for name, t in targets.items()}
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        for name in targets:
+            self.verify(step, name, restored[name])
         return {name: restored[name] for name in targets}
 
     def wait(self) -> None:
@@ -336,44 +421,46 @@ def restore_resume_point(
 ) -> tuple[int | None, dict[str, Any], TrainState, EpochTotals]:
     """The newest checkpoint of the workdir that restores: ``(step, meta, state, totals)``.
 
-    A checkpoint that cannot be read (truncated or missing files, a partial write) is moved
-    to ``checkpoints.unreadable/`` with a warning and the next newest is tried; with none
+    A checkpoint that is demonstrably unreadable (:func:`damage_reason`) is moved to
+    ``checkpoints.unreadable/`` with a warning and the next newest is tried; with none
     left the run starts afresh: ``(None, {}, run.state, zero totals)``.
 
     Raises:
       ConfigError: if a readable checkpoint belongs to a run with a different configuration.
+      CheckpointRestoreError: if restoring failed for any other reason; nothing is moved.
     """
     for step in reversed([] if checkpoints is None else checkpoints.steps()):
         try:
             meta = checkpoints.read_meta(step)
-            saved_config = meta["config"]
-        except Exception as error:  # any failure to read means this checkpoint is unusable
-            _set_aside(checkpoints, step, error)
+            conflicts = resume_conflicts(meta["config"], run.config)
+            if not conflicts:
+                state, totals = restore_run_state(checkpoints, step, run, meta)
+        except Exception as error:
+            reason = damage_reason(error)
+            if reason is None:
+                raise CheckpointRestoreError(
+                    f"could not restore {checkpoints.path(step)} ({type(error).__name__}: "
+                    f"{first_line(error)}); its files look intact, so nothing was moved: fix "
+                    "the cause and run the same command again"
+                ) from error
+            _set_aside(checkpoints, step, reason)
             continue
-        conflicts = resume_conflicts(saved_config, run.config)
         if conflicts:
             raise ConfigError(
                 f"{checkpoints.path(step)} was written by a different run "
                 f"({'; '.join(conflicts)}): use another --workdir, or delete its checkpoints "
                 "to start over"
             )
-        try:
-            state, totals = restore_run_state(checkpoints, step, run, meta)
-        except Exception as error:  # as above
-            _set_aside(checkpoints, step, error)
-            continue
         return step, meta, state, totals
     return None, {}, run.state, zero_totals(run.mesh)
 
 
-def _set_aside(checkpoints: RunCheckpoints, step: int, error: Exception) -> None:
-    reason = (str(error).strip().splitlines() or [""])[0][:200]
+def _set_aside(checkpoints: RunCheckpoints, step: int, reason: str) -> None:
     path = checkpoints.path(step)
     moved = checkpoints.set_aside(step)
     logging.warning(
-        "checkpoint %s cannot be restored (%s: %s); moved to %s, trying the next newest",
+        "checkpoint %s is unreadable (%s); moved to %s, trying the next newest",
         path,
-        type(error).__name__,
         reason,
         moved,
     )

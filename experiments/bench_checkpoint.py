@@ -5,8 +5,10 @@
 Builds the state of a run on CIFAR-10-shaped data (N images of 32x32x3, Omega on the
 40x40 padded frame) without loading any data, then times with the trainer's own
 checkpointing, for each Omega storage dtype: the blocking part of an asynchronous save
-(what a training step waits for), the whole save, and a restore. Prints a table; the
-numbers in docs/benchmarks.md come from here.
+(what a training step waits for), the whole save, a restore, and, within those, the
+digests of every array (computed by each save and again by each restore to verify it;
+:mod:`apart_jax.integrity`). Prints a table; the numbers in docs/benchmarks.md come from
+here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from absl import app, flags
 
 from apart_jax.checkpoint import RunCheckpoints, checkpoint_meta
 from apart_jax.config import default_config
+from apart_jax.integrity import tree_digests
 from apart_jax.run import setup_run
 from apart_jax.state import zero_totals
 from experiments.cli import parse_flags_or_exit, quiet_logging
@@ -46,7 +49,8 @@ def directory_bytes(path: str) -> int:
 
 
 def time_checkpoints(omega_dtype: str, workdir: str) -> dict[str, float]:
-    """Median seconds of the save's blocking part, the whole save and a restore; bytes."""
+    """Median seconds of the save's blocking part, the whole save, a restore and the
+    digests of the state and totals (part of each of them); bytes."""
     config = default_config()
     config.update(
         dict(method=FLAGS.method, model=FLAGS.model, width=FLAGS.width, omega_dtype=omega_dtype)
@@ -56,7 +60,7 @@ def time_checkpoints(omega_dtype: str, workdir: str) -> dict[str, float]:
     run = setup_run(config, synthetic_cifar(FLAGS.num_train, num_test=10))
     totals = zero_totals(run.mesh)
     meta = checkpoint_meta(config, run, 0.0)
-    blocking, total, restore = [], [], []
+    blocking, total, restore, digests = [], [], [], []
     with RunCheckpoints(workdir, max_to_keep=1) as checkpoints:
         for step in range(1, FLAGS.repeats + 1):
             start = time.perf_counter()
@@ -68,6 +72,9 @@ def time_checkpoints(omega_dtype: str, workdir: str) -> dict[str, float]:
             restored = checkpoints.restore(step, state=run.state, totals=totals)
             jax.block_until_ready(restored)
             restore.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            tree_digests(restored)
+            digests.append(time.perf_counter() - start)
         size = directory_bytes(path)
     omega = run.state.omega
     return {
@@ -76,6 +83,7 @@ def time_checkpoints(omega_dtype: str, workdir: str) -> dict[str, float]:
         "save_blocking_s": float(np.median(blocking)),
         "save_s": float(np.median(total)),
         "restore_s": float(np.median(restore)),
+        "digest_s": float(np.median(digests)),
     }
 
 
@@ -90,7 +98,7 @@ def main(argv: list[str]) -> None:
     )
     print(
         f"{'omega dtype':<12}{'Omega MB':>10}{'ckpt MB':>10}{'blocking s':>12}"
-        f"{'save s':>9}{'restore s':>11}"
+        f"{'save s':>9}{'restore s':>11}{'digests s':>11}"
     )
     try:
         for dtype in FLAGS.omega_dtypes:
@@ -98,6 +106,7 @@ def main(argv: list[str]) -> None:
             print(
                 f"{dtype:<12}{r['omega_bytes'] / 1e6:>10.1f}{r['checkpoint_bytes'] / 1e6:>10.1f}"
                 f"{r['save_blocking_s']:>12.2f}{r['save_s']:>9.2f}{r['restore_s']:>11.2f}"
+                f"{r['digest_s']:>11.2f}"
             )
     finally:
         if FLAGS.workdir is None:

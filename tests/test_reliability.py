@@ -11,9 +11,11 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import (
     RESUMABLE,
@@ -267,14 +269,105 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
     with caplog.at_level(logging.WARNING):
         result = train_and_evaluate(tiny_config(**RESUMABLE), str(workdir))
     assert result.resumed_from == 6
-    warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
     assert len(warnings) == 1
-    assert warnings[0].startswith(f"checkpoint {workdir / 'checkpoints' / '9'} cannot be restored")
+    assert warnings[0].startswith(f"checkpoint {workdir / 'checkpoints' / '9'} is unreadable (")
     assert warnings[0].endswith(
         f"moved to {workdir / 'checkpoints.unreadable' / '9'}, trying the next newest"
     )
     assert os.listdir(workdir / "checkpoints.unreadable" / "9")
     assert_same_run(workdir, uninterrupted, tiny_config(**RESUMABLE))
+
+
+def stopped_after_94(reference, tmp_path):
+    """A copy of the reference run as if it had stopped after checkpoint 94 (92 and 94 kept)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "96")
+    return workdir
+
+
+def saved_arrays(step_dir) -> list[np.ndarray]:
+    """The ``state`` item's arrays as Orbax alone restores them (no digest check)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Sharding info not provided": same topology here
+        return host_leaves(ocp.PyTreeCheckpointer().restore(step_dir / "state"))
+
+
+def flip_one_byte(step_dir):
+    """Inverts the middle byte of the state's largest array file; its length is unchanged."""
+    data = step_dir / "state" / "ocdbt.process_0" / "d"
+    path = max(data.iterdir(), key=lambda p: p.stat().st_size)
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    path.write_bytes(content)
+
+
+def test_a_flipped_byte_is_caught_by_the_digests_and_the_previous_checkpoint_used(
+    reference, tmp_path
+):
+    """Silent corruption: Orbax restores the flipped file without complaint, to other values.
+    The digests saved with the checkpoint catch it: 94 is set aside, the run resumes from 92
+    and ends equal to the uninterrupted run."""
+    workdir = stopped_after_94(reference, tmp_path)
+    step_dir = workdir / "checkpoints" / "94"
+    before = saved_arrays(step_dir)
+    flip_one_byte(step_dir)
+    after = saved_arrays(step_dir)  # no error
+    changed = [not np.array_equal(a, b) for a, b in zip(before, after, strict=True)]
+    assert sum(changed) == 1
+    done = finish(workdir)
+    assert "resumed from step 92" in done.stdout
+    assert (
+        f"checkpoint {step_dir} is unreadable (the digest of 1 array(s) of 'state' does not "
+        "match the saved one (omega): the files are corrupt); moved to "
+        f"{workdir / 'checkpoints.unreadable' / '94'}, trying the next newest"
+    ) in done.stderr
+    assert_same_final_state(workdir, reference)
+
+
+# Makes every restore fail with ERROR, as a bug, a full host memory or a flaky disk would.
+RESTORE_FAILS = """
+from apart_jax import checkpoint
+
+def failing_restore(self, step, **targets):
+    raise ERROR
+
+checkpoint.RunCheckpoints.restore = failing_restore
+"""
+
+
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        ("MemoryError('host memory exhausted')", "MemoryError: host memory exhausted"),
+        ("OSError(errno.EIO, 'Input/output error')", "OSError: [Errno 5] Input/output error"),
+        (
+            "ValueError('UNAVAILABLE: Error reading gs://bucket/run/checkpoints/94: timeout')",
+            "ValueError: UNAVAILABLE: Error reading gs://bucket/run/checkpoints/94: timeout",
+        ),
+        ("TypeError('a bug')", "TypeError: a bug"),
+    ],
+)
+def test_a_restore_error_that_is_not_damage_stops_and_moves_nothing(
+    reference, tmp_path, error, shown
+):
+    """Only demonstrably unreadable checkpoints are set aside: any other error ends the
+    command with one line and exit 1, and the workdir is left as it was. Once the cause is
+    gone (the transient I/O error case), the same command resumes from 94."""
+    workdir = stopped_after_94(reference, tmp_path)
+    before = listing(workdir)
+    process = train_process(workdir, patch=f"import errno\nERROR = {error}\n" + RESTORE_FAILS)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: could not restore {workdir / 'checkpoints' / '94'} ({shown}); its files look "
+        "intact, so nothing was moved: fix the cause and run the same command again"
+    )
+    assert listing(workdir) == before
+    if error.startswith("OSError"):
+        assert "resumed from step 94" in finish(workdir).stdout
+        assert_same_final_state(workdir, reference)
 
 
 def test_with_every_checkpoint_corrupt_the_run_starts_over(uninterrupted, tmp_path, caplog):
@@ -287,7 +380,7 @@ def test_with_every_checkpoint_corrupt_the_run_starts_over(uninterrupted, tmp_pa
     with caplog.at_level(logging.WARNING):
         result = train_and_evaluate(tiny_config(**RESUMABLE), str(workdir))
     assert result.resumed_from is None
-    assert sum("cannot be restored" in r.getMessage() for r in caplog.records) == 2
+    assert sum("is unreadable" in r.getMessage() for r in caplog.records) == 2
     assert sorted(os.listdir(workdir / "checkpoints.unreadable")) == ["3", "6"]
     assert_same_run(workdir, uninterrupted, tiny_config(**RESUMABLE))
 
