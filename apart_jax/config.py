@@ -111,6 +111,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint = True
     c.checkpoint_every = 0
     c.checkpoint_keep = 3
+    # Several processes: one that has not responded for peer_timeout seconds (killed, its
+    # host lost) ends the others with one line (apart_jax.runguard.PeerWatch).
+    c.peer_timeout = 60.0
     return c
 
 
@@ -128,6 +131,7 @@ EXECUTION_KEYS = frozenset(
         "checkpoint_every",
         "checkpoint_keep",
         "eval_batch_size",
+        "peer_timeout",
     }
 )
 
@@ -204,7 +208,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     for key in ("eps", "eval_eps"):
         _require(0.0 < c[key] <= 1.0, f"{key}={c[key]} must be in (0, 1]")
-    for key in ("pgd_step_size", "eval_pgd_step_size", "fgsm_rs_step_scale", "lr_max"):
+    positive = ("pgd_step_size", "eval_pgd_step_size", "fgsm_rs_step_scale", "lr_max")
+    for key in (*positive, "peer_timeout"):
         _require(c[key] > 0, f"{key}={c[key]} must be positive")
     for key in (
         "width",

@@ -33,17 +33,22 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    heartbeat_timeout_seconds: int = 100,
 ) -> None:
     """Joins JAX's multi-process runtime; call once, before any other JAX call.
 
-    On Cloud TPU VMs and under SLURM every argument can be left out (JAX finds them).
-    CPU devices talk through gloo collectives (GPUs and TPUs use their own).
+    On Cloud TPU VMs and under SLURM the first three arguments can be left out (JAX finds
+    them). CPU devices talk through gloo collectives (GPUs and TPUs use their own). JAX's
+    coordination service ends every process when one has sent no heartbeat for
+    ``heartbeat_timeout_seconds`` (an abort with a stack trace); it also installs the
+    SIGTERM handler that :class:`apart_jax.runguard.StopRequest` relies on.
     """
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
     )
 
 

@@ -1,9 +1,17 @@
-"""What guards a running training job: SIGTERM/SIGINT become a clean stop, and one run per
-workdir at a time.
+"""What guards a running training job: SIGTERM/SIGINT become a clean stop agreed by every
+process, a dead process stops the others, and one run per workdir at a time.
 
 * :class:`StopRequest` records the first SIGTERM (preemption) or SIGINT (Ctrl-C) instead of
-  dying; the trainer polls it after every step, writes a checkpoint and raises
-  :class:`TrainingInterrupted`. A second signal gets the default behaviour (stop at once).
+  dying; the trainer asks it after every step (:meth:`StopRequest.reached`), writes a
+  checkpoint and raises :class:`TrainingInterrupted`. In one process a second signal gets
+  the default behaviour (stop at once). With several processes the signal may reach them
+  at different steps (a preempted TPU slice signals every host, not at the same instant),
+  so SIGTERM is left to JAX's preemption notifier, which agrees on one step for all
+  processes (``multihost_utils.reached_preemption_sync_point``): every process stops after
+  that step and they save one consistent checkpoint together.
+* :class:`PeerWatch` ends a multi-process run's process, with one line and exit status 1,
+  when another process of the run died (``kill -9``, a lost host) or failed, instead of
+  letting it wait in the next collective until the job scheduler kills it.
 * :func:`workdir_lock` holds an exclusive ``flock`` on ``WORKDIR/.lock`` while a run
   trains, so that a second run on the same directory is refused instead of interleaving
   checkpoints. The kernel drops the lock when the process dies, even by ``kill -9``.
@@ -13,10 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
+
+import jax
+from jax.experimental import multihost_utils
 
 from apart_jax.config import ConfigError
 
@@ -45,33 +59,138 @@ class TrainingInterrupted(Exception):
 
 
 class StopRequest:
-    """A context manager that turns SIGTERM and SIGINT into a polled flag.
+    """A context manager that turns SIGTERM and SIGINT into a stop after an agreed step.
 
     Handlers are installed only in the main thread (elsewhere signals cannot be caught and
-    the flag stays unset). ``signum`` is the first signal received, or None.
+    no stop is requested). ``signum`` is the first signal this process received, or None.
+
+    With several processes (``jax.process_count() > 1``), SIGTERM stays with JAX's
+    preemption notifier (installed by ``jax.distributed.initialize``), which tells every
+    process; SIGINT is handed to it as a SIGTERM. A second signal then changes nothing:
+    ``kill -9`` stops a process at once.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.agreed = jax.process_count() > 1
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame) -> None:
         self.signum = signum
         self._restore()  # a second signal acts at once
+        if self.agreed:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier: the others stop too
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
 
+    def reached(self, step: int) -> bool:
+        """Whether to stop after ``step``; call once after every step, steps increasing.
+
+        One process: a signal has arrived. Several: some process was signalled and all of
+        them agreed to stop after this step (the same answer in every process).
+        """
+        if self.agreed:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.signum is not None
+
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
+            for signum in (signal.SIGINT,) if self.agreed else STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._restore()
+
+
+class PeerWatch:
+    """A context manager that ends this process when another process of the run is lost.
+
+    A background thread writes a heartbeat into JAX's coordination key-value store every
+    ``timeout / 10`` seconds (at least 1 s) and reads every other process's. When one has
+    not beaten for ``timeout`` seconds (killed, or its host lost) or reports that it left
+    with an error, the thread prints one line to stderr and exits the process with status 1:
+    its collectives would otherwise wait forever for the lost process. Leaving the ``with``
+    block records how this process left (finished, stopped by a signal, failed), so that a
+    process that finished first is not taken for dead.
+
+    Does nothing in a single-process run. If process 0 itself dies, JAX's coordination
+    service goes with it and JAX ends the other processes at once (its own ``F... Terminating
+    process because the JAX distributed service detected fatal errors`` message).
+    """
+
+    _runs = itertools.count()  # one key prefix per watch: every process creates them in order
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.interval = max(1.0, timeout / 10)
+        self._prefix = f"apart_jax/peers/{next(self._runs)}/"
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeerWatch:
+        if jax.process_count() > 1:
+            from jax._src import distributed  # the client of JAX's coordination service
+
+            self._client = distributed.global_state.client
+            self._thread = threading.Thread(target=self._watch, name="PeerWatch", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self._thread is None:
+            return
+        self._stopped.set()
+        self._thread.join()
+        if exc_type is None:
+            left = "finished"
+        elif issubclass(exc_type, TrainingInterrupted):
+            left = "stopped"
+        else:
+            reason = (str(exc).strip().splitlines() or [""])[0][:150]
+            left = f"failed ({exc_type.__name__}: {reason})"
+        self._client.key_value_set(self._prefix + f"left/{jax.process_index()}", left)
+
+    def _watch(self) -> None:
+        me, beat = jax.process_index(), 0
+        others = [p for p in range(jax.process_count()) if p != me]
+        last = {p: (None, time.monotonic()) for p in others}  # (beat seen, when it changed)
+        while not self._stopped.wait(self.interval if beat else 0):
+            beat += 1
+            try:
+                self._client.key_value_set(
+                    self._prefix + f"beat/{me}", str(beat), allow_overwrite=True
+                )
+                entries = dict(self._client.key_value_dir_get(self._prefix))
+            except Exception as error:  # the coordination service itself is gone
+                self._lost(f"lost JAX's coordination service (process 0): {error}")
+            now = time.monotonic()
+            for p in others:
+                left = entries.get(self._prefix + f"left/{p}")
+                if left is not None and left.startswith("failed"):
+                    self._lost(f"process {p} of this run {left}")
+                if left is not None:
+                    continue
+                seen = entries.get(self._prefix + f"beat/{p}")
+                if seen != last[p][0]:
+                    last[p] = (seen, now)
+                elif now - last[p][1] > self.timeout:
+                    self._lost(
+                        f"process {p} of this run has not responded for {now - last[p][1]:.0f} s "
+                        "(killed, or its host lost)"
+                    )
+
+    def _lost(self, what: str) -> None:
+        print(
+            f"error: {what}; stopping process {jax.process_index()} too. Start every process "
+            "again with the same command to resume from the newest complete checkpoint.",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
 
 
 @contextlib.contextmanager

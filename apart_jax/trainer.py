@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +43,7 @@ from apart_jax.methods import Method
 from apart_jax.parallel import replicated
 from apart_jax.progress import progress_bar
 from apart_jax.run import Run, setup_run
-from apart_jax.runguard import StopRequest, TrainingInterrupted, workdir_lock
+from apart_jax.runguard import PeerWatch, StopRequest, TrainingInterrupted, workdir_lock
 from apart_jax.state import EpochTotals, TrainState, zero_totals
 from apart_jax.step import device_order
 
@@ -116,7 +117,8 @@ class Loop:
     """What the epoch loop's periodic actions share.
 
     ``starts[i]`` is the number of examples before step ``i`` of an epoch;
-    ``checkpoint_path`` is the newest checkpoint saved or resumed from (None: none yet).
+    ``checkpoint_path`` is the newest checkpoint saved or resumed from (None: none yet);
+    ``stopping``: the run stops after the current step (:meth:`StopRequest.reached`).
     """
 
     run: Run
@@ -125,6 +127,7 @@ class Loop:
     resume_step: int | None
     checkpoint_path: str | None
     starts: np.ndarray
+    stopping: bool = False
 
     @property
     def total_steps(self) -> int:
@@ -154,12 +157,13 @@ def save_checkpoint(
 
 
 def stop_if_requested(loop: Loop, step: int) -> None:
-    """On SIGTERM or SIGINT: waits for the checkpoint and raises :class:`TrainingInterrupted`."""
-    if loop.stop.signum is None:
+    """When the run stops after ``step`` (SIGTERM or SIGINT, agreed by every process): waits
+    for the checkpoint and raises :class:`TrainingInterrupted`."""
+    if not loop.stopping:
         return
     if loop.checkpoints is not None:
         loop.checkpoints.wait()
-    raise TrainingInterrupted(loop.stop.signum, step, loop.checkpoint_path)
+    raise TrainingInterrupted(loop.stop.signum or signal.SIGTERM, step, loop.checkpoint_path)
 
 
 def after_step(
@@ -173,7 +177,8 @@ def after_step(
     health: StepHealth,
 ) -> None:
     """After step ``i`` of ``epoch``: the progress bar and, every ``log_every`` steps, the
-    health check and the running means; a checkpoint when one is due mid-epoch; the stop."""
+    health check and the running means; whether to stop; mid-epoch, a checkpoint when one is
+    due or the run stops, and the stop (at an epoch's end :func:`end_epoch` does both)."""
     config, steps_per_epoch = loop.run.config, loop.run.steps_per_epoch
     bar.update(1)
     if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
@@ -185,7 +190,10 @@ def after_step(
             refresh=False,
         )
     step = (epoch - 1) * steps_per_epoch + i + 1
-    if (checkpoint_due(loop, step) or loop.stop.signum is not None) and i + 1 < steps_per_epoch:
+    loop.stopping = loop.stop.reached(step)
+    if i + 1 == steps_per_epoch:
+        return
+    if checkpoint_due(loop, step) or loop.stopping:
         save_checkpoint(loop, step, state, totals, health, time.perf_counter() - clock_origin)
     stop_if_requested(loop, step)
 
@@ -246,7 +254,7 @@ def end_epoch(
         bar.set_postfix(
             clean=f"{row['clean_acc']:.3f}", pgd20=f"{row['pgd20_acc']:.3f}", refresh=False
         )
-    if config.checkpoint_every == 0 or checkpoint_due(loop, step) or loop.stop.signum is not None:
+    if config.checkpoint_every == 0 or checkpoint_due(loop, step) or loop.stopping:
         save_checkpoint(loop, step, state, totals, health, train_seconds)
     stop_if_requested(loop, step)
 
@@ -274,16 +282,23 @@ def train_and_evaluate(
       dataset: use this dataset instead of loading ``config.dataset``.
 
     SIGTERM or SIGINT (preemption, Ctrl-C) ends the current step, writes a checkpoint and
-    raises :class:`apart_jax.runguard.TrainingInterrupted`; rerunning resumes from it.
+    raises :class:`apart_jax.runguard.TrainingInterrupted`; rerunning resumes from it. With
+    several processes, a signal to any of them stops all after one agreed step, and a
+    process that dies ends the others within ``config.peer_timeout`` seconds
+    (:class:`apart_jax.runguard.PeerWatch`: one line on stderr, exit status 1).
 
     Raises:
       ConfigError, DatasetError: invalid configuration or data, a workdir holding a
         different run, or a workdir in use by another run, before training starts.
       TrainingInterrupted: on SIGTERM or SIGINT, after the checkpoint is written.
+      CheckpointRestoreError: the newest checkpoint could not be restored although its files
+        look intact (nothing is moved; the run does not start over).
       apart_jax.health.NonFiniteError: a non-finite step (unless ``skip_nonfinite``).
     """
     run = setup_run(config, dataset)
     with contextlib.ExitStack() as stack:
+        # First in, last out: the other processes learn how this one left (even refused).
+        stack.enter_context(PeerWatch(run.config.peer_timeout))
         if jax.process_index() == 0:
             stack.enter_context(workdir_lock(workdir))
         stop = stack.enter_context(StopRequest())

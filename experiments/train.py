@@ -6,17 +6,22 @@
 Writes WORKDIR/config.json, WORKDIR/metrics.jsonl, TensorBoard events and checkpoints under
 WORKDIR/checkpoints. Exit status and stderr:
 * 0: trained (or already finished);
-* 1, one line: a non-finite loss or state (nothing saved after it), or a checkpoint that could
-  not be written (the newest complete one is named);
+* 1, one line: a non-finite loss or state (nothing saved after it), a checkpoint that could
+  not be written (the newest complete one is named), a checkpoint that could not be restored
+  although its files look intact (nothing moved), or, with several processes, another
+  process of the run that died or failed;
 * 2, one line: invalid settings, flags or data, an unwritable workdir, a workdir in use by
   another run or holding another run's checkpoints; nothing is written;
 * 128 + N: stopped by signal N (SIGTERM, Ctrl-C) after finishing the step and saving a
-  checkpoint; the line says how to resume.
+  checkpoint; the line says how to resume. With several processes a SIGTERM to any of them
+  stops all of them after the same step, with one checkpoint.
 Docs: docs/reliability.md.
 
 Several processes (hosts, or processes on one machine) form one run when each is started
 with the same --coordinator_address and --num_processes and its own --process_id; on a
-Cloud TPU VM pod slice pass --distributed alone and JAX finds the rest.
+Cloud TPU VM pod slice pass --distributed alone and JAX finds the rest. A process that dies
+ends the others within --config.peer_timeout seconds (JAX's own heartbeat timeout is set to
+twice that, so that the one-line message comes first).
 """
 
 from __future__ import annotations
@@ -46,11 +51,16 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_logging()
     if FLAGS.distributed or FLAGS.coordinator_address:
-        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        initialize_distributed(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            heartbeat_timeout_seconds=round(2 * FLAGS.config.peer_timeout),
+        )
     # Imported after joining the runtime: nothing may touch a JAX backend before that.
     import jax
 
-    from apart_jax.checkpoint import CheckpointSaveError
+    from apart_jax.checkpoint import CheckpointRestoreError, CheckpointSaveError
     from apart_jax.health import NonFiniteError
     from apart_jax.runguard import TrainingInterrupted
     from apart_jax.trainer import train_and_evaluate
@@ -67,7 +77,7 @@ def main(argv: list[str]) -> None:
         gc.collect()
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    except NonFiniteError as error:
+    except (NonFiniteError, CheckpointRestoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     if jax.process_index() != 0:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, module_env, tiny_config
+from conftest import ROOT, free_port, module_env, tiny_config
 
 from apart_jax.checkpoint import restore_checkpoint
 from apart_jax.logbook import read_rows
@@ -88,12 +87,6 @@ TRAIN = [
     "--config.checkpoint_every=0",  # at the end of every epoch
     "--config.progress=False",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def train_two_processes(workdir) -> list[str]:

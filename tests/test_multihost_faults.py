@@ -1,0 +1,183 @@
+"""Faults of a multi-process run (2 processes x 2 CPU devices on loopback), injected into
+the real training command: SIGTERM to one process or to both at different steps, and
+``kill -9`` of one process. docs/reliability.md records each outcome."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, assert_same_run, checkpoint_steps, free_port, module_env, wait_for
+
+from apart_jax.config import read_run_config
+
+pytestmark = pytest.mark.slow  # two training processes per run, in subprocesses
+
+PEER_TIMEOUT = 10  # seconds; the kill -9 test's bound on the survivor's exit follows from it
+
+# 302 examples in batches of 32: 10 steps per epoch (the last of 14 examples), 60 steps, a
+# checkpoint every 2 steps, evaluation after epochs 3 and 6; about 0.2 s per step here.
+TRAIN = [
+    "-m",
+    "experiments.train",
+    "--config=experiments/configs/digits.py",
+    "--config.width=4",
+    "--config.epochs=6",
+    "--config.train_size=302",
+    "--config.test_size=100",
+    "--config.batch_size=32",
+    "--config.eval_every=3",
+    "--config.checkpoint_every=2",
+    "--config.checkpoint_keep=3",
+    "--config.progress=False",
+    f"--config.peer_timeout={PEER_TIMEOUT}",
+]
+TOTAL_STEPS = 60
+
+
+def start_two_processes(workdir) -> list[subprocess.Popen]:
+    """The training command as process 0 and 1 of one run (2 CPU devices each)."""
+    address = f"localhost:{free_port()}"
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                *TRAIN,
+                f"--workdir={workdir}",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=module_env(devices=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def finish_two_processes(workdir) -> str:
+    """Runs both processes to the end; returns process 0's stdout."""
+    processes = start_two_processes(workdir)
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    return outputs[0][0]
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 2-process run, never interrupted."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    finish_two_processes(workdir)
+    return workdir
+
+
+def when_past_checkpoint(workdir, processes, step: int = 10) -> None:
+    """Waits until checkpoint ``step`` is complete (training is under way)."""
+    wait_for(lambda: (workdir / "checkpoints" / str(step)).is_dir(), processes[0])
+
+
+def exits_within(processes, seconds: float) -> tuple[float, list[str]]:
+    """Waits for every process; returns the seconds until the last exited and their stderrs."""
+    start = time.monotonic()
+    errs = [p.communicate(timeout=seconds)[1] for p in processes]
+    return time.monotonic() - start, errs
+
+
+def assert_agreed_stop_then_resume(workdir, uninterrupted, processes, elapsed, errs) -> None:
+    """Both exited with 143 after the same step N, checkpoint N is complete, and rerunning
+    both processes resumes from N to the uninterrupted run's final weights and metrics."""
+    print(f"both exited {elapsed:.1f} s after the first SIGTERM")
+    assert elapsed < 60
+    assert [p.returncode for p in processes] == [143, 143], [e[-2000:] for e in errs]
+    lines = [last_line(e) for e in errs]
+    assert lines[0] == lines[1], lines
+    match = re.fullmatch(
+        r"stopped by SIGTERM after step (\d+): checkpoint (\S+) saved; "
+        r"run the same command again to resume",
+        lines[0],
+    )
+    assert match, lines[0]
+    step = int(match[1])
+    assert 10 <= step < TOTAL_STEPS and match[2] == str(workdir / "checkpoints" / str(step))
+    assert checkpoint_steps(workdir)[-1] == step
+    assert f"resumed from step {step}" in finish_two_processes(workdir)
+    assert_same_run(workdir, uninterrupted, read_run_config(str(workdir)))
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step(uninterrupted, tmp_path):
+    """Only process 1 is signalled: JAX's preemption notice reaches process 0 too, both stop
+    after the agreed step and save one checkpoint together."""
+    workdir = tmp_path / "run"
+    processes = start_two_processes(workdir)
+    when_past_checkpoint(workdir, processes)
+    processes[1].send_signal(signal.SIGTERM)
+    elapsed, errs = exits_within(processes, 60)
+    assert_agreed_stop_then_resume(workdir, uninterrupted, processes, elapsed, errs)
+
+
+def test_sigterm_to_both_at_different_steps_stops_both_after_the_same_step(uninterrupted, tmp_path):
+    """Process 0 is signalled about 3 steps before process 1 (a slice's hosts are not
+    signalled at the same instant)."""
+    workdir = tmp_path / "run"
+    processes = start_two_processes(workdir)
+    when_past_checkpoint(workdir, processes)
+    processes[0].send_signal(signal.SIGTERM)
+    time.sleep(0.6)
+    if processes[1].poll() is None:
+        processes[1].send_signal(signal.SIGTERM)
+    elapsed, errs = exits_within(processes, 60)
+    assert_agreed_stop_then_resume(workdir, uninterrupted, processes, elapsed, errs)
+
+
+def test_kill_9_of_process_1_ends_process_0_with_one_line(uninterrupted, tmp_path):
+    """The survivor notices PEER_TIMEOUT after the last heartbeat it saw (beats are 1 s apart)
+    waiting in a collective forever; rerunning both resumes from the newest complete
+    checkpoint to the uninterrupted result."""
+    workdir = tmp_path / "run"
+    processes = start_two_processes(workdir)
+    when_past_checkpoint(workdir, processes)
+    processes[1].kill()
+    elapsed, errs = exits_within(processes, 120)
+    assert processes[1].returncode == -signal.SIGKILL
+    assert processes[0].returncode == 1, errs[0][-3000:]
+    assert PEER_TIMEOUT - 1 <= elapsed < PEER_TIMEOUT + 10  # the last beat seen: up to 1 s before
+    assert re.fullmatch(
+        r"error: process 1 of this run has not responded for \d+ s \(killed, or its host "
+        r"lost\); stopping process 0 too\. Start every process again with the same command "
+        r"to resume from the newest complete checkpoint\.",
+        last_line(errs[0]),
+    ), errs[0][-2000:]
+    print(f"survivor exited {elapsed:.1f} s after kill -9")
+    newest = checkpoint_steps(workdir)[-1]
+    assert f"resumed from step {newest}" in finish_two_processes(workdir)
+    assert_same_run(workdir, uninterrupted, read_run_config(str(workdir)))
+
+
+def test_kill_9_of_process_0_ends_process_1_at_once(tmp_path):
+    """Process 0 hosts JAX's coordination service: without it JAX itself ends the others at
+    once (its own fatal message, not our line)."""
+    workdir = tmp_path / "run"
+    processes = start_two_processes(workdir)
+    when_past_checkpoint(workdir, processes)
+    processes[0].kill()
+    elapsed, errs = exits_within(processes, 120)
+    assert processes[1].returncode == -signal.SIGABRT
+    assert elapsed < 10
+    print(f"survivor exited {elapsed:.1f} s after kill -9 of process 0")
+    assert (
+        "Terminating process because the JAX distributed service detected fatal errors" in (errs[1])
+    )
+    assert not os.path.exists(workdir / "checkpoints.unreadable")
