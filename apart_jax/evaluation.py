@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from apart_jax.attacks import pgd
+from apart_jax.compiling import jit
 from apart_jax.data import to_device, to_unit_range
 from apart_jax.parallel import replicated, shard_batch
 from apart_jax.state import TrainState
@@ -101,7 +102,7 @@ def make_eval_step(
         )
         return jnp.sum(clean & mask), jnp.sum(robust & mask)
 
-    return jax.jit(eval_batch)
+    return jit(eval_batch)
 
 
 def evaluate(

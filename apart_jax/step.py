@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from apart_jax.augment import Augmentation, crop_and_flip, draw_augmentation, pad_images
+from apart_jax.compiling import jit
 from apart_jax.data import DATASETS, DeviceData, to_unit_range
 from apart_jax.health import nonfinite_code
 from apart_jax.methods import Method
@@ -165,11 +166,11 @@ def make_train_step(
     def in_epoch(state: TrainState, data: DeviceData, order, start, batch_size: int):
         return on_batch(state, data, draw_batch(state, order, start, batch_size, augment))
 
-    jit = dict(
+    jit_args = dict(
         donate_argnums=0,
         out_shardings=(state_shardings(mesh, method.uses_omega), replicated(mesh)),
     )
     return TrainStep(
-        jax.jit(on_batch, **jit),
-        jax.jit(in_epoch, static_argnames="batch_size", **jit),
+        jit(on_batch, **jit_args),
+        jit(in_epoch, static_argnames="batch_size", **jit_args),
     )

@@ -1,7 +1,7 @@
 """Training speed of every method against PGD-10 and plain training, measured side by side.
 
     python -m experiments.bench_speed [--width=16 --batch_size=128 --dtype=float32 \
-        --steps=20 --json=bench.json]
+        --steps=20 --reference=torch --json=bench.json]
 
 For each of clean, fgsm, fgsm_rs, fgsm_plus, apart and pgd10 (same model, batch and dtype,
 one process): the compile time, then ``--steps`` training steps after ``--warmup``, each
@@ -17,7 +17,10 @@ second, forward+backward passes per step, and the ratios to pgd10 and to clean. 
   epoch's steps timed one by one;
 * one PGD-20 evaluation pass over ``--eval_points`` test points;
 * the XLA-counted FLOPs of each step and, where the device's peak is known (or
-  ``--peak_tflops`` is given), the model FLOP utilization.
+  ``--peak_tflops`` is given), the model FLOP utilization;
+* with ``--reference=torch`` (CPU only, float32, needs the ``torch`` extra): the same model,
+  width and batch in PyTorch eager in the same process (:mod:`experiments.torch_reference`),
+  its training step and input-gradient pass, and our ``t_train`` and ``t_in`` as ratios to them.
 
 Images are random uint8 arrays of CIFAR-10's shape (:mod:`experiments.synthetic`).
 ``--json PATH`` writes every number (schema in docs/benchmarks.md).
@@ -38,9 +41,11 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from apart_jax.compiling import jit
 from apart_jax.config import default_config
 from apart_jax.data import to_unit_range
 from apart_jax.evaluation import evaluate, make_eval_data, make_eval_step
+from apart_jax.interop.torch_layout import architecture_of
 from apart_jax.methods.base import forward_train, mean_cross_entropy
 from apart_jax.models import COMPUTE_DTYPES, MODELS
 from apart_jax.parallel import batch_sharded, data_mesh, replicated
@@ -68,6 +73,9 @@ flags.DEFINE_integer("epoch_examples", 2560, "Examples of the timed epoch (0: sk
 flags.DEFINE_integer("eval_points", 512, "Test points of the timed PGD-20 pass (0: skip it).")
 flags.DEFINE_enum(
     "unroll", None, ["true", "false"], "Unroll attack loops (default: the backend's choice)."
+)
+flags.DEFINE_enum(
+    "reference", "none", ["none", "torch"], "Also time PyTorch eager (CPU, float32) in this run."
 )
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for the MFU estimate.")
 flags.DEFINE_string("json", None, "Write all results to this JSON file.")
@@ -149,7 +157,7 @@ def time_input_gradient(run: Run) -> float:
         return jax.grad(loss, has_aux=True)(x)
 
     args = (run.state.params, run.state.batch_stats, images, labels)
-    compiled = jax.jit(input_gradient, out_shardings=replicated(mesh)).lower(*args).compile()
+    compiled = jit(input_gradient, out_shardings=replicated(mesh)).lower(*args).compile()
     times = timed_calls(lambda: compiled(*args), FLAGS.warmup + FLAGS.steps)
     return statistics.median(times[FLAGS.warmup :])
 
@@ -204,6 +212,17 @@ def time_evaluation(run: Run) -> dict:
         lambda: evaluate(eval_step, run.state, test, batch, jax.random.key(0)), 2
     )
     return {"points": points, "seconds": seconds, "first_call_s": first}
+
+
+def torch_reference(run: Run, pass_costs: dict) -> dict:
+    """PyTorch eager's step times for ``run``'s model, and our ``t_train``, ``t_in`` over them."""
+    from experiments.torch_reference import time_torch
+
+    arch = architecture_of(run.model, run.dataset.x_train.shape[-1])
+    reference = time_torch(arch, FLAGS.batch_size, FLAGS.warmup, FLAGS.steps)
+    reference["t_train_over_torch"] = pass_costs["t_train"] / reference["train_step_s"]
+    reference["t_in_over_torch"] = pass_costs["t_in"] / reference["input_gradient_s"]
+    return reference
 
 
 def machine_info(mesh) -> dict:
@@ -264,6 +283,11 @@ def targets(summary: dict) -> list[tuple[str, float, float]]:
         )
     if "apart" in r and "pgd10" in r:
         checks.append(("apart / pgd10", r["apart"]["ratio_to_pgd10"], 0.25))
+    if costs.get("t_train"):
+        checks.append(("t_train / t_in", costs["t_train"] / costs["t_in"], 2.0))
+    if "reference" in summary:
+        ratio = summary["reference"]["t_train_over_torch"]
+        checks.append(("t_train / torch train step", ratio, 1.5))
     if "apart" in r and "clean" in r:
         checks.append(("apart / clean", r["apart"]["ratio_to_clean"], 1.8))
     if "fgsm_plus" in r and "fgsm_rs" in r:
@@ -282,6 +306,13 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(FLAGS.methods) - set(METHODS))
     if unknown:
         raise app.UsageError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if FLAGS.reference == "torch" and (
+        "clean" not in FLAGS.methods or FLAGS.dtype != "float32" or jax.default_backend() != "cpu"
+    ):
+        raise app.UsageError(
+            "--reference=torch compares CPU float32 steps: it needs the clean method, "
+            f"--dtype=float32 and a CPU backend (got {FLAGS.dtype} on {jax.default_backend()})"
+        )
     devices = jax.devices()[: FLAGS.devices or None]
     mesh = data_mesh(devices)
     num_train = max(FLAGS.epoch_examples, 2 * FLAGS.batch_size)
@@ -297,6 +328,7 @@ def main(argv: list[str]) -> None:
         "epoch_examples": FLAGS.epoch_examples,
         "eval_points": FLAGS.eval_points,
         "unroll": FLAGS.unroll or "backend default",
+        "reference": FLAGS.reference,
     }
     machine = machine_info(mesh)
     print(
@@ -313,6 +345,8 @@ def main(argv: list[str]) -> None:
     if "clean" in runs:
         t_in = time_input_gradient(runs["clean"])
     summary = {"machine": machine, "config": config_info, **summarize(raw, t_in)}
+    if FLAGS.reference == "torch":
+        summary["reference"] = torch_reference(runs["clean"], summary["pass_costs"])
 
     if FLAGS.epoch_examples:
         summary["epochs"] = {}
@@ -362,6 +396,14 @@ def print_report(summary: dict) -> None:
             f"t_in / t_train {costs['t_in_over_t_train']:.3f}; floors: apart "
             f"{costs['apart_floor_s'] * 1e3:.1f} ms, pgd10 {costs['pgd10_floor_s'] * 1e3:.1f} ms, "
             f"apart / pgd10 {costs['floor_ratio_apart_to_pgd10']:.3f}"
+        )
+    if "reference" in summary:
+        ref = summary["reference"]
+        print(
+            f"{ref['framework']} eager ({ref['threads']} threads): train step "
+            f"{ref['train_step_s'] * 1e3:.1f} ms, input-gradient pass "
+            f"{ref['input_gradient_s'] * 1e3:.1f} ms; ours / torch: t_train "
+            f"{ref['t_train_over_torch']:.2f}x, t_in {ref['t_in_over_torch']:.2f}x"
         )
     for name, e in summary.get("epochs", {}).items():
         print(

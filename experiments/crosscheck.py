@@ -42,6 +42,7 @@ import numpy as np
 from absl import app, flags
 
 from apart_jax.attacks.suite import AUTOATTACK, run_suite
+from apart_jax.compiling import jit
 from apart_jax.config import ConfigError
 from apart_jax.interop import export_state_dict, exported_architecture
 from apart_jax.progress import progress_bar
@@ -214,7 +215,7 @@ def crosscheck(
     apply_fn(variables, x) -> logits is our model, ``module`` its PyTorch copy (eval mode);
     x: (N, H, W, C) float32 in [0, 1]; y: (N,) int.
     """
-    logits_of = jax.jit(apply_fn)
+    logits_of = jit(apply_fn)
     ours_logits = np.concatenate(
         [
             np.asarray(logits_of(variables, x[s : s + batch_size]))

@@ -50,6 +50,7 @@ import optax
 from absl import app, flags
 
 from apart_jax.attacks import clip_with_grad, fgsm, loss_gradient, pgd
+from apart_jax.compiling import jit
 from apart_jax.config import ConfigError
 from apart_jax.data import Dataset, to_unit_range
 from apart_jax.evaluation import clean_and_robust
@@ -110,30 +111,30 @@ class Probe:
         def logits(variables, x):
             return model.apply(variables, x, train=False)
 
-        self.predict = jax.jit(lambda v, x: jnp.argmax(logits(v, x), -1))
-        self.mean_loss = jax.jit(
+        self.predict = jit(lambda v, x: jnp.argmax(logits(v, x), -1))
+        self.mean_loss = jit(
             lambda v, x, y: jnp.mean(
                 optax.softmax_cross_entropy_with_integer_labels(logits(v, x), y)
             )
         )
-        self.fgsm = jax.jit(
+        self.fgsm = jit(
             lambda v, x, y, eps: fgsm(
                 functools.partial(logits, v), x, y, jax.random.key(0), eps=eps
             )  # FGSM draws no noise: the key is unused
         )
-        self.pgd_robust = jax.jit(
+        self.pgd_robust = jit(
             lambda v, x, y, key: clean_and_robust(
                 functools.partial(logits, v), x, y, key,
                 eps=c.eval_eps, step_size=c.eval_pgd_step_size, steps=c.eval_pgd_steps,
             )[1]
         )  # fmt: skip
-        self.pgd_train = jax.jit(
+        self.pgd_train = jit(
             lambda v, x, y, key: pgd(
                 functools.partial(logits, v), x, y, key,
                 eps=c.eps, step_size=c.eval_pgd_step_size, steps=c.eval_pgd_steps,
             )
         )  # fmt: skip
-        self.fgsm_plus = jax.jit(
+        self.fgsm_plus = jit(
             lambda v, x, y, omega, alpha, alpha_omega: fgsm_plus_generator(
                 functools.partial(logits, v), x, y, omega, alpha, alpha_omega, eps=c.eps
             )

@@ -114,3 +114,31 @@ def test_speed_benchmark_writes_the_documented_json(tmp_path):
         assert epoch["steps"] == 3 and epoch["examples"] == 96 and epoch["epoch_s"] > 0
     assert report["evaluation"]["points"] == 32
     assert "apart / pgd10" in proc.stdout and "t_in / t_train" in proc.stdout
+
+
+@pytest.mark.slow
+def test_speed_benchmark_times_pytorch_eager_in_the_same_run(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    args = ["--model=small_cnn", "--width=4", "--batch_size=32", "--steps=3", "--warmup=1"]
+    args += ["--methods=clean", "--epoch_examples=0", "--eval_points=0", "--reference=torch"]
+    proc = run_module("experiments.bench_speed", *args, f"--json={out}")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    reference, costs = report["reference"], report["pass_costs"]
+    assert reference["framework"].startswith("torch ") and reference["threads"] >= 1
+    assert reference["train_step_s"] > 0 and reference["input_gradient_s"] > 0
+    np.testing.assert_allclose(
+        reference["t_train_over_torch"], costs["t_train"] / reference["train_step_s"]
+    )
+    np.testing.assert_allclose(
+        reference["t_in_over_torch"], costs["t_in"] / reference["input_gradient_s"]
+    )
+    assert "eager (" in proc.stdout and "t_train / torch train step" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_pytorch_reference_refuses_what_it_cannot_compare():
+    proc = run_module("experiments.bench_speed", "--reference=torch", "--dtype=bfloat16")
+    assert proc.returncode != 0
+    assert "--reference=torch compares CPU float32 steps" in proc.stderr

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apart_jax.attacks.core import l2_norm
+from apart_jax.compiling import jit
 from apart_jax.progress import progress_bar
 
 PyTree = Any
@@ -57,12 +58,12 @@ def _map_batches(step, arrays, batch_size: int, bar=None) -> tuple[np.ndarray, .
 # The compiled programs of the runners. The model and the attack are static arguments, so jit
 # compiles once per (apply_fn, attack, input shapes) and reuses the program on every later
 # call: pass the same callables (``make_attack`` returns the same one for the same settings).
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _classify(apply_fn: ApplyFn, variables: PyTree, x: jax.Array) -> jax.Array:
     return jnp.argmax(apply_fn(variables, x), -1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.partial(jit, static_argnums=(0, 1, 2))
 def _attack_batch(apply_fn, attack, with_predictions, variables, x, y, key, b):
     """The attack on batch ``b`` with key ``fold_in(key, b)``; with its predictions if asked."""
     x_adv = attack(lambda z: apply_fn(variables, z), x, y, jax.random.fold_in(key, b))

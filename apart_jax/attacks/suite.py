@@ -25,6 +25,7 @@ from apart_jax.attacks.core import fgsm, pgd
 from apart_jax.attacks.counting import PassCount, counting
 from apart_jax.attacks.fab import fab_t
 from apart_jax.attacks.square import square
+from apart_jax.compiling import jit
 
 PyTree = Any
 
@@ -80,7 +81,7 @@ def measure_passes(
         counts.append(count)
         return attack(counted_apply, xb, yb, jax.random.key(0))
 
-    jax.block_until_ready(jax.jit(run)(variables, jnp.asarray(x), jnp.asarray(y)))
+    jax.block_until_ready(jit(run)(variables, jnp.asarray(x), jnp.asarray(y)))
     jax.effects_barrier()
     return counts[-1]
 
