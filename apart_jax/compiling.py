@@ -1,11 +1,11 @@
 """``jit`` with the XLA options that make this project's convolutions fast on each backend.
 
 On XLA:CPU, jax 0.10 hands convolutions to YNNPACK by default; for PreAct-ResNet-18 (width
-16, batch 128, float32, 2-core AMD EPYC) its convolutions and the layout transposes around
-them made a training step 1.24x slower and an input-gradient pass 1.16x slower than XLA's own
-(Eigen) convolutions, measured side by side in one process (docs/benchmarks.md). On CPU this
-module therefore keeps YNNPACK for reductions only. GPUs and TPUs get no options: their
-standard path is unchanged.
+16, batch 128, float32, 2-core AMD EPYC) its convolutions made a training step 1.24x slower
+and an input-gradient pass 1.16x slower than XLA's own (Eigen) convolutions, measured side by
+side in one process (docs/benchmarks.md). On CPU this module therefore keeps YNNPACK for
+reductions only. On the 8x8 digits of the quickstart the options made no measurable
+difference. GPUs and TPUs get no options: their standard path is unchanged.
 
 :func:`jit` is ``jax.jit`` with those options, decided at the first call or ``lower`` (not at
 import, so that ``jax.distributed.initialize`` can still run first). The options change the
