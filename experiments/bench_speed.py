@@ -104,6 +104,11 @@ def timed_calls(call: Callable[[], object], count: int) -> list[float]:
     return times
 
 
+def median_seconds(call: Callable[[], object]) -> float:
+    """Median seconds of ``--steps`` calls of ``call`` after ``--warmup`` untimed ones."""
+    return statistics.median(timed_calls(call, FLAGS.warmup + FLAGS.steps)[FLAGS.warmup :])
+
+
 def step_flops(compiled) -> float | None:
     """XLA's FLOP count of one call of a compiled function, if the backend reports it."""
     analysis = compiled.cost_analysis()
@@ -158,8 +163,7 @@ def time_input_gradient(run: Run) -> float:
 
     args = (run.state.params, run.state.batch_stats, images, labels)
     compiled = jit(input_gradient, out_shardings=replicated(mesh)).lower(*args).compile()
-    times = timed_calls(lambda: compiled(*args), FLAGS.warmup + FLAGS.steps)
-    return statistics.median(times[FLAGS.warmup :])
+    return median_seconds(lambda: compiled(*args))
 
 
 def time_epoch(run: Run) -> dict:
@@ -216,13 +220,19 @@ def time_evaluation(run: Run) -> dict:
 
 def torch_reference(run: Run, pass_costs: dict) -> dict:
     """PyTorch eager's step times for ``run``'s model, and our ``t_train``, ``t_in`` over them."""
-    from experiments.torch_reference import time_torch
+    from experiments.torch_reference import torch_steps
 
     arch = architecture_of(run.model, run.dataset.x_train.shape[-1])
-    reference = time_torch(arch, FLAGS.batch_size, FLAGS.warmup, FLAGS.steps)
-    reference["t_train_over_torch"] = pass_costs["t_train"] / reference["train_step_s"]
-    reference["t_in_over_torch"] = pass_costs["t_in"] / reference["input_gradient_s"]
-    return reference
+    framework, threads, train_step, input_gradient = torch_steps(arch, FLAGS.batch_size)
+    train_step_s, input_gradient_s = median_seconds(train_step), median_seconds(input_gradient)
+    return {
+        "framework": framework,
+        "threads": threads,
+        "train_step_s": train_step_s,
+        "input_gradient_s": input_gradient_s,
+        "t_train_over_torch": pass_costs["t_train"] / train_step_s,
+        "t_in_over_torch": pass_costs["t_in"] / input_gradient_s,
+    }
 
 
 def machine_info(mesh) -> dict:

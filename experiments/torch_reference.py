@@ -8,31 +8,19 @@ extra and is imported only here.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 from apart_jax.interop.torch_layout import Architecture
 
 
-def median_seconds(call: Callable[[], object], warmup: int, steps: int) -> float:
-    """Median wall time of ``steps`` calls of ``call`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def torch_steps(
+    arch: Architecture, batch_size: int
+) -> tuple[str, int, Callable[[], None], Callable[[], None]]:
+    """PyTorch eager steps for ``arch`` on random float32 images (B, C, 32, 32) in [0, 1].
 
-
-def time_torch(arch: Architecture, batch_size: int, warmup: int, steps: int) -> dict:
-    """PyTorch eager step times for ``arch`` on random float32 images (B, C, 32, 32) in [0, 1].
-
-    Returns {"framework": "torch X.Y.Z", "threads": intra-op threads, "train_step_s": median
-    seconds of forward, backward and SGD update, "input_gradient_s": median seconds of forward
-    and backward to the input only (BN in training mode)}.
+    Returns ("torch X.Y.Z", intra-op threads, train_step, input_gradient): ``train_step()``
+    runs forward, backward and the SGD update; ``input_gradient()`` forward and backward to
+    the input only (BN in training mode). Both return when done (eager, on the CPU).
     """
     import torch
     from torch.nn import functional as F  # noqa: N812 (PyTorch's own convention)
@@ -54,9 +42,4 @@ def time_torch(arch: Architecture, batch_size: int, warmup: int, steps: int) -> 
         x = images.clone().requires_grad_(True)
         torch.autograd.grad(F.cross_entropy(model(x), labels), x)
 
-    return {
-        "framework": f"torch {torch.__version__}",
-        "threads": torch.get_num_threads(),
-        "train_step_s": median_seconds(train_step, warmup, steps),
-        "input_gradient_s": median_seconds(input_gradient, warmup, steps),
-    }
+    return f"torch {torch.__version__}", torch.get_num_threads(), train_step, input_gradient

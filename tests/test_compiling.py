@@ -28,12 +28,11 @@ def ynn_convolutions(hlo: str) -> int:
     """Convolutions inside YNNPACK fusions of a compiled program's HLO text."""
     computations = re.split(r"\n(?=\S)", hlo)
     ynn = {m for c in computations if "__ynn_fusion" in c for m in re.findall(r"calls=%(\S+?),", c)}
+    names = (re.match(r"%(\S+) ", c) for c in computations)
     return sum(
         1
-        for c in computations
-        if re.match(r"%(\S+) ", c)
-        and re.match(r"%(\S+) ", c).group(1) in ynn
-        and " convolution(" in c
+        for c, name in zip(computations, names, strict=True)
+        if name and name.group(1) in ynn and " convolution(" in c
     )
 
 
@@ -138,7 +137,10 @@ def test_network_gradients_are_as_close_to_float64_as_the_default_paths():
     input is near zero can fall on either side, so the two float32 paths are compared with the
     float64 result, not bit for bit: over 5 seeds the relative global-norm distance to float64
     was 3.6e-4 to 3.4e-3 with the options and 3.1e-4 to 2.8e-3 without (2.1e-6 between the
-    two when no ReLU flips, as for this seed); the bound is 3x the largest.
+    two when no ReLU flips, as for this seed); the bound is 3x the largest. The last check,
+    "no further from float64 than the default path, up to 2x", holds for this seed (ratio 1.0);
+    over the 5 seeds the ratio ranged 0.62 to 4.4, so it is a check of this seed, where no
+    ReLU flips, not of every input.
     """
     model = preact_resnet18(width=16)
     with jax.enable_x64(True):
