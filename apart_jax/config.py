@@ -15,6 +15,7 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from apart_jax.collapse import ON_COLLAPSE
 from apart_jax.data import DATASETS
 from apart_jax.methods import METHOD_NAMES, OMEGA_DTYPES
 from apart_jax.models import COMPUTE_DTYPES, MODELS
@@ -63,6 +64,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.fgsm_rs_step_scale = 1.25
     c.pgd_steps = 10
     c.pgd_step_size = 2 / 255
+    c.nfgsm_noise_scale = 2.0  # N-FGSM: noise uniform in [-k eps, k eps]
+    c.nfgsm_step_scale = 1.0  # N-FGSM: step alpha = this x eps
+    c.grad_align_base = "fgsm"  # GradAlign's attack: "fgsm" (the release's) or "fgsm_rs"
+    # GradAlign's lambda; None = the release's schedule 0.02 * 10 ** (255 eps / 8).
+    c.grad_align_lambda = placeholder(float)
 
     # Weights' optimizer: SGD, triangular rate 0 -> lr_max -> 0 per cycle, cycled momentum.
     c.epochs = 30
@@ -95,6 +101,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_pgd_steps = 20
     c.eval_pgd_step_size = 2 / 255
 
+    # Catastrophic overfitting (apart_jax.collapse): an evaluated epoch whose PGD-20 accuracy
+    # is below collapse_ratio x the best of the evaluated epochs before it. on_collapse:
+    # "continue" (log it only), "stop" (end the run there, its checkpoint the final one) or
+    # "revert" (end the run with the best epoch's checkpoint as the final one: early
+    # stopping; needs checkpoint=True). A run resumes only with the same values.
+    c.collapse_ratio = 0.5
+    c.on_collapse = "continue"
+
     # Execution.
     c.unroll = placeholder(bool)  # attack loops unrolled; None = backend default
     c.log_every = 50
@@ -118,6 +132,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # Keys that may change between a run and its resumption: they do not change the numbers.
+# collapse_ratio and on_collapse are not among them: they decide where a run ends and which
+# state is its final one, so a run stopped or reverted at a collapse stays finished, and a
+# resumed run follows the policy its checkpoints and metrics were written under.
 EXECUTION_KEYS = frozenset(
     {
         "npz_path",
@@ -208,7 +225,22 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     for key in ("eps", "eval_eps"):
         _require(0.0 < c[key] <= 1.0, f"{key}={c[key]} must be in (0, 1]")
-    positive = ("pgd_step_size", "eval_pgd_step_size", "fgsm_rs_step_scale", "lr_max")
+    _require(
+        c.grad_align_base in ("fgsm", "fgsm_rs"),
+        f"grad_align_base={c.grad_align_base!r}: choose 'fgsm' or 'fgsm_rs'",
+    )
+    _require(
+        c.grad_align_lambda is None or c.grad_align_lambda >= 0,
+        f"grad_align_lambda={c.grad_align_lambda} must be >= 0 (None = the release's schedule)",
+    )
+    _require(c.nfgsm_noise_scale >= 0, f"nfgsm_noise_scale={c.nfgsm_noise_scale} must be >= 0")
+    positive = (
+        "pgd_step_size",
+        "eval_pgd_step_size",
+        "fgsm_rs_step_scale",
+        "nfgsm_step_scale",
+        "lr_max",
+    )
     for key in (*positive, "peer_timeout"):
         _require(c[key] > 0, f"{key}={c[key]} must be positive")
     for key in (
@@ -253,6 +285,15 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         c.num_classes is None or (c.num_classes >= 2 and known in (None, c.num_classes)),
         f"num_classes={c.num_classes}: "
         + (f"{c.dataset} has {known} classes" if known else "must be at least 2"),
+    )
+    _require(0.0 < c.collapse_ratio < 1.0, f"collapse_ratio={c.collapse_ratio} must be in (0, 1)")
+    _require(
+        c.on_collapse in ON_COLLAPSE,
+        f"on_collapse={c.on_collapse!r}: choose one of {list(ON_COLLAPSE)}",
+    )
+    _require(
+        c.on_collapse != "revert" or c.checkpoint,
+        "on_collapse='revert' needs checkpoint=True (the best epoch's checkpoint is restored)",
     )
     _require(c.pad is None or c.pad >= 0, f"pad={c.pad} must be >= 0")
     _require(

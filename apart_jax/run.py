@@ -26,7 +26,7 @@ from apart_jax.config import (
     validate_config,
 )
 from apart_jax.data import Dataset, DeviceData, load_dataset, load_test_split, to_device
-from apart_jax.methods import OMEGA_DTYPES, Method, create_method, init_omega, init_psi
+from apart_jax.methods import OMEGA_DTYPES, Method, init_omega, init_psi, method_from_config
 from apart_jax.models import PSI, cast_variables, create_model, init_variables, storage_dtype
 from apart_jax.optim import cyclic_sgd
 from apart_jax.parallel import data_mesh, padded_rows, replicated
@@ -235,13 +235,7 @@ def setup_run(
     batch_sizes = epoch_batch_sizes(num_train, batch_size, config.drop_remainder)
 
     model = run_model(config, dataset.num_classes)
-    method = create_method(
-        config.method,
-        eps=config.eps,
-        fgsm_rs_step_scale=config.fgsm_rs_step_scale,
-        pgd_steps=config.pgd_steps,
-        pgd_step_size=config.pgd_step_size,
-    )
+    method = method_from_config(config)
     ctx = build_context(config, model.apply, dataset.image_shape[:2], len(batch_sizes))
     create_state = functools.partial(
         create_train_state,

@@ -3,10 +3,11 @@
     python -m experiments.bench_speed [--width=16 --batch_size=128 --dtype=float32 \
         --steps=20 --reference=torch --json=bench.json]
 
-For each of clean, fgsm, fgsm_rs, fgsm_plus, apart and pgd10 (same model, batch and dtype,
-one process): the compile time, then ``--steps`` training steps after ``--warmup``, each
-timed to completion on the device; median, minimum and maximum step time, images per
-second, forward+backward passes per step, and the ratios to pgd10 and to clean. Also:
+For each of clean, fgsm, fgsm_rs, fgsm_plus, apart, nfgsm, grad_align and pgd10 (same model,
+batch and dtype, one process): the compile time, then ``--steps`` training steps after
+``--warmup``, each timed to completion on the device; median, minimum and maximum step
+time, images per second, forward+backward passes per step, and the ratios to pgd10 and to
+clean. Also:
 
 * pass costs: ``t_train`` (one plain training step, the clean method's median) and ``t_in``
   (one input-gradient pass: forward and backward to the input only, BN in training mode),
@@ -46,7 +47,7 @@ from apart_jax.config import default_config
 from apart_jax.data import to_unit_range
 from apart_jax.evaluation import evaluate, make_eval_data, make_eval_step
 from apart_jax.interop.torch_layout import architecture_of
-from apart_jax.methods.base import forward_train, mean_cross_entropy
+from apart_jax.methods.base import input_gradient
 from apart_jax.models import COMPUTE_DTYPES, MODELS
 from apart_jax.parallel import batch_sharded, data_mesh, replicated
 from apart_jax.run import Run, setup_run
@@ -56,7 +57,7 @@ from apart_jax.trainer import compile_epoch_steps, train_epoch
 from experiments.cli import parse_flags_or_exit, quiet_logging
 from experiments.synthetic import synthetic_cifar
 
-METHODS = ("clean", "fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd10")
+METHODS = ("clean", "fgsm", "fgsm_rs", "fgsm_plus", "apart", "nfgsm", "grad_align", "pgd10")
 # Dense bf16 peak of one device in TFLOP/s, by jax's device_kind, for the MFU estimate.
 PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0, "TPU v4": 275.0}
 
@@ -152,17 +153,12 @@ def time_input_gradient(run: Run) -> float:
     images = run.data.images[: FLAGS.batch_size]
     labels = run.data.labels[: FLAGS.batch_size]
 
-    def input_gradient(params, batch_stats, images, labels):
+    def gradient(params, batch_stats, images, labels):
         x = jax.lax.with_sharding_constraint(to_unit_range(images), batch_sharded(mesh))
-
-        def loss(x):
-            logits, new_stats = forward_train(ctx, params, batch_stats, x)
-            return mean_cross_entropy(logits, labels), new_stats
-
-        return jax.grad(loss, has_aux=True)(x)
+        return input_gradient(ctx, params, batch_stats, x, labels)
 
     args = (run.state.params, run.state.batch_stats, images, labels)
-    compiled = jit(input_gradient, out_shardings=replicated(mesh)).lower(*args).compile()
+    compiled = jit(gradient, out_shardings=replicated(mesh)).lower(*args).compile()
     return median_seconds(lambda: compiled(*args))
 
 

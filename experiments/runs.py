@@ -22,7 +22,7 @@ from apart_jax.checkpoint import RunCheckpoints, checkpoint_dir
 from apart_jax.config import CONFIG_FILE, ConfigError, read_run_config, validate_config
 from apart_jax.data import Dataset
 from apart_jax.logbook import METRICS_FILE, is_integer, is_number, read_rows
-from apart_jax.methods import Method, create_method
+from apart_jax.methods import Method, method_from_config
 from apart_jax.run import run_dataset
 
 EVAL_FILE = "eval.json"  # experiments.evaluate's report of the newest checkpoint
@@ -65,8 +65,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 def read_run(workdir: str) -> tuple[dict[str, Any], Method, list[dict[str, Any]]]:
     """A training run's config.json (as written), its method and its metrics rows.
 
-    The method is built from the config's ``method``, ``eps``, ``fgsm_rs_step_scale``,
-    ``pgd_steps`` and ``pgd_step_size`` (their defaults where absent).
+    The method is :func:`apart_jax.methods.method_from_config` of the config.
 
     Raises:
       ConfigError: ``workdir`` is not a directory, has no config.json, its config names no
@@ -80,13 +79,7 @@ def read_run(workdir: str) -> tuple[dict[str, Any], Method, list[dict[str, Any]]
     if not isinstance(config, dict) or not isinstance(config.get("method"), str):
         raise ConfigError(f"{config_path}: no method; not a config written by experiments.train")
     try:
-        method = create_method(
-            config["method"],
-            eps=config.get("eps", 8 / 255),
-            fgsm_rs_step_scale=config.get("fgsm_rs_step_scale", 1.25),
-            pgd_steps=config.get("pgd_steps", 10),
-            pgd_step_size=config.get("pgd_step_size", 2 / 255),
-        )
+        method = method_from_config(config)
     except ValueError as error:
         raise ConfigError(f"{config_path}: {error}") from None
     return config, method, read_metrics(workdir)

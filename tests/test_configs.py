@@ -29,7 +29,7 @@ CONFIG_FILES = sorted(
     for path in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
     if not os.path.basename(path).startswith("_")  # __init__.py
 )
-METHOD_PRESETS = {"fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd10"}
+METHOD_PRESETS = {"fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd10", "nfgsm", "grad_align"}
 
 
 def load(path: str):

@@ -12,9 +12,11 @@ import pytest
 from conftest import tiny_config
 
 from apart_jax.augment import Augmentation
+from apart_jax.methods.grad_align import alignment_penalty, gradient_cosines
 from apart_jax.models import SITES
 from apart_jax.optim import cyclic_sgd
 from apart_jax.run import create_train_state, setup_run
+from apart_jax.state import StepInputs
 from apart_jax.step import Batch, draw_batch, make_train_step
 
 EPS = 8 / 255
@@ -297,7 +299,9 @@ def test_psi_ascends_the_loss_unless_its_decay_dominates(digits):
     np.testing.assert_allclose(large_after.psi["alpha"], 0.5 * (1 - 1e-6 * 400), rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd"])
+@pytest.mark.parametrize(
+    "method", ["fgsm", "fgsm_rs", "fgsm_plus", "apart", "pgd", "nfgsm", "grad_align"]
+)
 def test_each_method_lowers_its_loss_on_a_fixed_batch(digits, method):
     run = build(digits, method, pgd_steps=3)
     state, step = with_optimizers(run, weight_tx=optax.sgd(0.2, momentum=0.9))
@@ -325,5 +329,141 @@ def test_drawn_step_equals_the_explicit_step_on_the_drawn_batch(digits):
 
 def test_passes_per_step(digits):
     expected = {"clean": 1, "fgsm": 2, "fgsm_rs": 2, "fgsm_plus": 2, "apart": 2, "pgd": 11}
+    expected.update(nfgsm=2, grad_align=5)
     for name, passes in expected.items():
         assert build(digits, name).method.passes_per_step == passes
+
+
+# ---------------------------------------------------------------------------------------------
+# N-FGSM and GradAlign.
+
+
+def step_inputs(run, seed=0, size=16):
+    """A batch of the run's training images as a method step sees it (no augmentation)."""
+    batch = fixed_batch(size=size, seed=seed, pad=0)
+    x = run.data.images[batch.indices].astype(jnp.float32) / 255.0
+    return StepInputs(x, run.data.labels[batch.indices], batch.indices, batch.aug,
+                      jax.random.key(seed))  # fmt: skip
+
+
+def test_nfgsm_without_noise_and_with_projection_is_fgsm(digits):
+    fgsm_run = build(digits, "fgsm", model="preact_resnet18")
+    fgsm_state, fgsm_step = with_optimizers(fgsm_run, weight_tx=SGD)
+    nfgsm_run = build(digits, "nfgsm", model="preact_resnet18", nfgsm_noise_scale=0.0)
+    projected = dataclasses.replace(nfgsm_run.method, projected=True)
+    nfgsm_state, _ = with_optimizers(nfgsm_run, weight_tx=SGD)
+    ctx = dataclasses.replace(nfgsm_run.ctx, weight_tx=SGD)
+    nfgsm_step = make_train_step(projected, ctx, nfgsm_run.augment, nfgsm_run.mesh)
+    unprojected_state, unprojected_step = with_optimizers(nfgsm_run, weight_tx=SGD)
+    for seed in (0, 1):
+        batch = fixed_batch(seed=seed)
+        fgsm_state, _ = fgsm_step.on_batch(fgsm_state, fgsm_run.data, batch)
+        nfgsm_state, _ = nfgsm_step.on_batch(nfgsm_state, nfgsm_run.data, batch)
+        unprojected_state, _ = unprojected_step.on_batch(unprojected_state, nfgsm_run.data, batch)
+    assert_trees_close(nfgsm_state.params, fgsm_state.params, rtol=0, atol=0)
+    assert_trees_close(nfgsm_state.batch_stats, fgsm_state.batch_stats, rtol=0, atol=0)
+    # With k = 0 the step of eps from x stays in the ball: projecting changes nothing.
+    assert_trees_close(unprojected_state.params, fgsm_state.params, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("eps", [8 / 255, 16 / 255])
+def test_nfgsm_steps_alpha_from_the_noisy_start_and_does_not_project(digits, eps):
+    run = build(digits, "nfgsm", model="preact_resnet18", eps=eps)
+    ctx = dataclasses.replace(run.ctx, eps=eps)
+    inputs = step_inputs(run)
+    x = inputs.x
+    start = run.method.start(ctx, inputs)
+    x_adv, _ = run.method.attack(ctx, run.state, inputs)
+    noise = start - x
+    assert float(jnp.max(jnp.abs(noise))) <= 2 * eps + 1e-7
+    assert float(jnp.max(jnp.abs(noise))) > 1.5 * eps  # k = 2: the noise leaves the ball
+    step = x_adv - start
+    inside = (x_adv > 0) & (x_adv < 1)  # where [0, 1] did not clip, the step is +-alpha
+    np.testing.assert_allclose(jnp.abs(step)[inside], eps, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(x_adv - x))) > 2 * eps  # not projected back to the ball
+    assert float(jnp.min(x_adv)) >= 0 and float(jnp.max(x_adv)) <= 1
+
+
+def test_gradient_cosines_of_known_pairs():
+    g1 = jnp.array([[1.0, 0.0], [1.0, 2.0], [3.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    g2 = jnp.array([[0.0, 5.0], [2.0, 4.0], [-1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    cos, defined = gradient_cosines(g1, g2)
+    np.testing.assert_allclose(cos, [0.0, 1.0, -1.0, 0.0, 2**-0.5], rtol=1e-6)
+    np.testing.assert_array_equal(defined, [True, True, True, False, True])
+    # The zero gradient is left out of the mean: 1 - (0 + 1 - 1 + 0.7071) / 4.
+    np.testing.assert_allclose(alignment_penalty(g1, g2), 1 - 2**-0.5 / 4, rtol=1e-6)
+    grads = jax.grad(lambda g: alignment_penalty(g, g2))(g1)
+    assert bool(jnp.all(jnp.isfinite(grads))) and float(jnp.abs(grads[3]).sum()) == 0.0
+
+
+@pytest.mark.parametrize("base", ["fgsm", "fgsm_rs"])
+def test_grad_align_with_lambda_zero_is_its_base_method(digits, base):
+    base_run = build(digits, base)
+    align_run = build(digits, "grad_align", grad_align_lambda=0.0, grad_align_base=base)
+    assert align_run.method.passes_per_step == 2
+    base_state, base_step = with_optimizers(base_run, weight_tx=SGD)
+    align_state, align_step = with_optimizers(align_run, weight_tx=SGD)
+    for seed in (0, 1):
+        batch = fixed_batch(seed=seed)
+        base_state, _ = base_step.on_batch(base_state, base_run.data, batch)
+        align_state, _ = align_step.on_batch(align_state, align_run.data, batch)
+    assert_trees_close(align_state.params, base_state.params, rtol=0, atol=0)
+    assert_trees_close(align_state.batch_stats, base_state.batch_stats, rtol=0, atol=0)
+
+
+def reference_grad_align(run, params, stats, inputs, lam):
+    """The release's GradAlign step (FGSM base, zero init) written from its code: the loss
+    CE(x_adv) + lam * (1 - mean cos(g1, g2)) and the BN statistics after its three passes.
+
+    g1 is FGSM's gradient at x (a constant), g2 the gradient at x + eta2 with eta2 drawn
+    from the step key's second half (the library's key split), differentiated through.
+    """
+    x, y, eps = inputs.x, inputs.y, run.ctx.eps
+
+    def forward(params, stats, x):
+        logits, mutated = run.model.apply(
+            {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+        )
+        return logits, mutated["batch_stats"]
+
+    def mean_ce(logits):
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+    def input_grad(params, stats, x):
+        return jax.grad(lambda x: mean_ce(forward(params, stats, x)[0]))(x)
+
+    g1 = input_grad(params, stats, x)
+    stats = forward(params, stats, x)[1]
+    x_adv = jnp.clip(x + eps * jnp.sign(g1), 0, 1)
+    eta2 = jax.random.uniform(jax.random.split(inputs.key)[1], x.shape, x.dtype, -eps, eps)
+
+    def loss(params):
+        logits, adv_stats = forward(params, stats, x_adv)
+        g2 = input_grad(params, adv_stats, x + eta2)
+        a, b = g1.reshape(len(y), -1), g2.reshape(len(y), -1)
+        keep = (jnp.linalg.norm(a, axis=1) != 0) & (jnp.linalg.norm(b, axis=1) != 0)
+        cos = jnp.sum(a * b, 1) / (jnp.linalg.norm(a, axis=1) * jnp.linalg.norm(b, axis=1))
+        penalty = 1.0 - jnp.sum(jnp.where(keep, cos, 0.0)) / jnp.sum(keep)
+        return mean_ce(logits) + lam * penalty, forward(params, adv_stats, x + eta2)[1]
+
+    (value, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return value, grads, new_stats
+
+
+def test_grad_align_step_matches_the_release_formulation(digits):
+    lam, lr = 0.5, 0.1
+    run = build(digits, "grad_align", model="preact_resnet18", grad_align_lambda=lam)
+    ctx = dataclasses.replace(run.ctx, weight_tx=optax.sgd(lr))
+    inputs = step_inputs(run, seed=5, size=32)
+    params, stats = jax.device_get(run.state.params), jax.device_get(run.state.batch_stats)
+    value, grads, ref_stats = reference_grad_align(run, params, stats, inputs, lam)
+    state = run.state.replace(opt_state=ctx.weight_tx.init(run.state.params))
+    new_state, metrics = jax.jit(run.method.step, static_argnums=0)(ctx, state, inputs)
+    np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
+    expected = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    # Tolerance: float32 sums of the same terms in another order (observed <= 2e-7).
+    assert_trees_close(new_state.params, expected, rtol=1e-5, atol=2e-6)
+    assert_trees_close(new_state.batch_stats, ref_stats, rtol=1e-5, atol=1e-6)
+    # The penalty's gradient is not negligible: without it the update differs.
+    _, plain_grads, _ = reference_grad_align(run, params, stats, inputs, 0.0)
+    assert trees_differ(grads, plain_grads, atol=1e-4)

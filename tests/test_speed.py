@@ -98,6 +98,7 @@ def test_speed_benchmark_writes_the_documented_json(tmp_path):
     assert report["machine"]["platform"] == "cpu" and report["config"]["batch_size"] == 32
     results = report["results"]
     passes = {"clean": 1, "fgsm": 2, "fgsm_rs": 2, "fgsm_plus": 2, "apart": 2, "pgd10": 11}
+    passes.update(nfgsm=2, grad_align=5)
     assert {name: r["passes"] for name, r in results.items()} == passes
     fields = {"step_s", "step_s_min", "step_s_max", "images_per_s", "compile_s", "passes"}
     for r in results.values():

@@ -180,7 +180,8 @@ def gradient_ascent(
       x: clean inputs in [0, 1].
       x_start: the starting point, inside the ball.
       carry: threaded through ``grad_fn`` (for example BN statistics); any pytree.
-      eps, step_size, steps: ball radius, step length, number of steps (static int).
+      eps, step_size, steps: ball radius (``inf``: only the [0, 1] box is projected on),
+        step length, number of steps (static int).
       norm: "linf" or "l2".
       unroll: the loop form (:func:`loop`).
 

@@ -95,14 +95,32 @@ def descend(
     return state.replace(step=state.step + 1), step_metrics(loss, logits, y)
 
 
+def input_gradient(
+    ctx: StepContext, params: PyTree, batch_stats: PyTree, x: jax.Array, y: jax.Array
+) -> tuple[jax.Array, PyTree]:
+    """Gradient of the batch-mean cross-entropy with respect to the inputs ``x`` (B, H, W, C),
+    BN in training mode, and the BN running statistics that pass leaves.
+
+    Differentiable with respect to ``params`` (GradAlign differentiates through it).
+    """
+
+    def loss_fn(x):
+        logits, new_stats = forward_train(ctx, params, batch_stats, x)
+        return mean_cross_entropy(logits, y), new_stats
+
+    return jax.grad(loss_fn, has_aux=True)(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackThenDescend:
     """Adversarial training with a fixed L-inf generator: attack, then one weight update.
 
-    The generator starts at x (``random_start=False``) or at a uniform point of the ball,
-    and takes ``steps`` signed-gradient steps of ``step_size``, projecting each time. Its
-    input gradients are of the batch-mean loss with BN in training mode (weight gradients
-    are never formed); each attack pass updates the BN running statistics.
+    The generator starts at x (``random_start=False``) or at a uniform point of the cube of
+    half-side ``start_scale * eps`` around x (clipped to [0, 1]), and takes ``steps``
+    signed-gradient steps of ``step_size``, each projected onto the eps-ball
+    (``projected=True``) or only onto [0, 1] (``projected=False``, N-FGSM). Its input
+    gradients are of the batch-mean loss with BN in training mode (weight gradients are
+    never formed); each attack pass updates the BN running statistics.
     """
 
     name: str
@@ -110,6 +128,8 @@ class AttackThenDescend:
     random_start: bool
     step_size: float
     steps: int
+    start_scale: float = 1.0
+    projected: bool = True
     learns_psi = False
     uses_omega = False
 
@@ -117,28 +137,35 @@ class AttackThenDescend:
     def passes_per_step(self) -> int:
         return self.steps + 1
 
-    def step(
+    def start(self, ctx: StepContext, inputs: StepInputs) -> jax.Array:
+        """The attack's starting point (B, H, W, C) in [0, 1]."""
+        if not self.random_start:
+            return inputs.x
+        return random_init(inputs.key, inputs.x, self.start_scale * ctx.eps, "linf")
+
+    def attack(
         self, ctx: StepContext, state: TrainState, inputs: StepInputs
-    ) -> tuple[TrainState, Metrics]:
-        x, y = inputs.x, inputs.y
+    ) -> tuple[jax.Array, PyTree]:
+        """The adversarial inputs (B, H, W, C) in [0, 1] and the BN statistics after them."""
+        y = inputs.y
 
         def grad_fn(x_adv, batch_stats):
-            def loss_fn(x_adv):
-                logits, new_stats = forward_train(ctx, state.params, batch_stats, x_adv)
-                return mean_cross_entropy(logits, y), new_stats
+            return input_gradient(ctx, state.params, batch_stats, x_adv, y)
 
-            grad, new_stats = jax.grad(loss_fn, has_aux=True)(x_adv)
-            return grad, new_stats
-
-        x_start = random_init(inputs.key, x, ctx.eps, "linf") if self.random_start else x
         x_adv, batch_stats = gradient_ascent(
             grad_fn,
-            x,
-            x_start,
+            inputs.x,
+            self.start(ctx, inputs),
             state.batch_stats,
-            eps=ctx.eps,
+            eps=ctx.eps if self.projected else jnp.inf,
             step_size=self.step_size,
             steps=self.steps,
             unroll=ctx.unroll,
         )
-        return descend(ctx, state.replace(batch_stats=batch_stats), jax.lax.stop_gradient(x_adv), y)
+        return jax.lax.stop_gradient(x_adv), batch_stats
+
+    def step(
+        self, ctx: StepContext, state: TrainState, inputs: StepInputs
+    ) -> tuple[TrainState, Metrics]:
+        x_adv, batch_stats = self.attack(ctx, state, inputs)
+        return descend(ctx, state.replace(batch_stats=batch_stats), x_adv, inputs.y)

@@ -11,6 +11,8 @@ METHOD_PRESETS: dict[str, dict] = {
     "fgsm_plus": dict(method="fgsm_plus"),
     "apart": dict(method="apart"),
     "pgd10": dict(method="pgd", pgd_steps=10),
+    "nfgsm": dict(method="nfgsm"),
+    "grad_align": dict(method="grad_align"),
 }
 
 
