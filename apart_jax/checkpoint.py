@@ -8,8 +8,9 @@ A checkpoint ``WORKDIR/checkpoints/STEP`` holds three items:
   run resumed mid-epoch reports the same epoch means;
 * ``meta``: JSON with the run's config (to refuse resuming a different run), the training
   examples and Omega's stored rows (to re-pad Omega for another device count), the
-  training seconds so far (:func:`checkpoint_meta`) and a digest of every saved array
-  (:mod:`apart_jax.integrity`), verified by every restore.
+  training seconds so far, the accuracies of the epochs evaluated so far and, in the final
+  checkpoint of a run that ended at a collapse, that collapse (:func:`checkpoint_meta`), and
+  a digest of every saved array (:mod:`apart_jax.integrity`), verified by every restore.
 
 The data order needs nothing more: epoch ``e``'s permutation is a function of the seed
 and ``e`` (:func:`apart_jax.step.epoch_order`), and the step counter says where in it the
@@ -17,7 +18,9 @@ run stopped. Orbax writes each checkpoint to a temporary directory and renames i
 complete, so an interrupted save never hides the previous checkpoint; the temporary
 directories such a save leaves behind are removed when the run's checkpoints are next
 opened. With several processes every process calls :meth:`RunCheckpoints.save`; Orbax
-writes collectively.
+writes collectively. The newest ``checkpoint_keep`` checkpoints are kept, and one more that
+the trainer names (:meth:`RunCheckpoints.keep_step`: the best epoch's, for
+``on_collapse="revert"``).
 
 A save that fails (a full disk, a lost bucket) raises :class:`CheckpointSaveError` naming
 the step, at the save itself or, for an asynchronous save, at the next save or wait. A
@@ -32,12 +35,13 @@ moves nothing. :func:`restore_inference` reads only the parts a trained model ne
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -122,20 +126,25 @@ class RunCheckpoints:
 
     Args:
       workdir: the run's directory; checkpoints go to ``WORKDIR/checkpoints``.
-      max_to_keep: how many of the newest checkpoints survive (older ones are deleted).
+      max_to_keep: how many of the newest checkpoints survive (older ones are deleted
+        after each save), besides the one :meth:`keep_step` names.
       async_save: return from :meth:`save` once the arrays are copied to host memory and
         write in the background (training continues meanwhile).
     """
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self._kept = _KeptSteps(set())
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+                [ocp.checkpoint_managers.LatestN(max_to_keep), self._kept]
+            ),
             create=True,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
         self.directory = checkpoint_dir(workdir)
         self.unreadable_directory = self.directory + ".unreadable"
+        self.reverted_directory = self.directory + ".reverted"
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._saved: list[int] = []  # steps saved by this object, the last one maybe pending
         self._closed = False
@@ -162,6 +171,17 @@ class RunCheckpoints:
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
+
+    def keep_step(self, step: int | None) -> None:
+        """Keeps checkpoint ``step`` however many newer ones are saved (``max_to_keep``
+        aside), until another step or None is named; the trainer keeps the best epoch's
+        checkpoint this way for ``on_collapse="revert"``."""
+        # One assignment: a background save's clean-up sees the old set or the new one.
+        self._kept.steps = set() if step is None else {step}
+
+    def delete(self, step: int) -> None:
+        """Deletes checkpoint ``step`` (with several processes, collectively)."""
+        self._manager.delete(step)
 
     def save(self, step: int, state: PyTree, totals: PyTree, meta: dict[str, Any]) -> str:
         """Saves checkpoint ``step`` (in the background when asynchronous); returns its path.
@@ -201,16 +221,18 @@ class RunCheckpoints:
                 f"({type(error).__name__}: {reason}); the newest complete checkpoint: {where}"
             ) from error
 
-    def set_aside(self, step: int) -> str:
-        """Moves checkpoint ``step`` into ``checkpoints.unreadable/`` (never deletes it).
+    def set_aside(self, step: int, into: str | None = None) -> str:
+        """Moves checkpoint ``step`` into ``into`` (default ``checkpoints.unreadable/``),
+        never deleting it.
 
         Returns its new path. With several processes, process 0 moves it and all wait.
         """
-        target = os.path.join(self.unreadable_directory, str(step))
+        into = into or self.unreadable_directory
+        target = os.path.join(into, str(step))
         if os.path.exists(target):
             target += f".{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:
-            os.makedirs(self.unreadable_directory, exist_ok=True)
+            os.makedirs(into, exist_ok=True)
             shutil.move(self.path(step), target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"set_aside_{step}")
@@ -299,6 +321,22 @@ class RunCheckpoints:
             self._manager.close()
 
 
+@dataclasses.dataclass
+class _KeptSteps:
+    """An Orbax preservation policy keeping the checkpoints of ``steps`` (a set its owner
+    changes between saves)."""
+
+    steps: set[int]
+
+    def should_preserve(
+        self,
+        checkpoints: Sequence[ocp.checkpoint_managers.PolicyCheckpointInfo],
+        *,
+        context: Any,
+    ) -> list[bool]:
+        return [info.step in self.steps for info in checkpoints]
+
+
 @contextlib.contextmanager
 def _state_handler() -> Iterator[ocp.PyTreeCheckpointHandler]:
     """A handler that reads parts of a checkpoint's ``state`` item (a pytree), then closes."""
@@ -309,14 +347,32 @@ def _state_handler() -> Iterator[ocp.PyTreeCheckpointHandler]:
         handler.close()
 
 
-def checkpoint_meta(config: ml_collections.ConfigDict, run: Run, train_seconds: float) -> dict:
-    """The JSON stored with every checkpoint: the config and what restoring needs to know."""
-    return {
+def checkpoint_meta(
+    config: ml_collections.ConfigDict,
+    run: Run,
+    train_seconds: float,
+    evaluations: Sequence[tuple[int, float, float]] = (),
+    collapse: dict[str, Any] | None = None,
+) -> dict:
+    """The JSON stored with every checkpoint: the config and what restoring needs to know.
+
+    ``evaluations``: ``(epoch, clean_acc, pgd20_acc)`` of every epoch evaluated so far,
+    which a resumed run's collapse detection continues from (every process reads them, so
+    all take the same decisions); ``collapse``: for the final checkpoint of a run that
+    ended at a collapse, the :class:`apart_jax.collapse.Collapse` as a dict (its presence
+    tells a rerun that the run is finished). Both are left out when empty.
+    """
+    meta = {
         "config": config_as_json(config),
         "num_train": len(run.dataset.y_train),
         "omega_rows": None if run.state.omega is None else int(run.state.omega.shape[0]),
         "train_seconds": train_seconds,
     }
+    if evaluations:
+        meta["evaluations"] = [list(e) for e in evaluations]
+    if collapse is not None:
+        meta["collapse"] = collapse
+    return meta
 
 
 @contextlib.contextmanager

@@ -21,6 +21,22 @@ key                type     value
 ``skipped_steps``  int      runs with ``skip_nonfinite``: non-finite steps discarded so far
 =================  =======  ========================================================
 
+The row of the epoch at which the trainer detects catastrophic overfitting
+(:mod:`apart_jax.collapse`; at most one row per run) also has:
+
+===========================  ======  ==================================================
+key                          type    value
+===========================  ======  ==================================================
+``collapsed_epoch``          int     the collapse epoch (this row's ``epoch``)
+``collapse_action``          str     what the run did: ``"continue"`` (trained on),
+                                     ``"stop"`` (ended here) or ``"revert"`` (ended with
+                                     the ``collapse_best_epoch`` checkpoint as final)
+``collapse_best_epoch``      int     the best epoch before it (highest PGD-20 accuracy)
+``collapse_best_pgd20_acc``  number  that epoch's PGD-20 accuracy
+``collapse_ratio``           number  the run's ``collapse_ratio``: this row's
+                                     ``pgd20_acc`` < ratio x ``collapse_best_pgd20_acc``
+===========================  ======  ==================================================
+
 Other keys are kept as they are. :func:`read_rows` is the one reader: the trainer's resume,
 ``experiments.summarize`` and ``experiments.plot`` use it.
 
@@ -41,6 +57,7 @@ from typing import Any
 
 import jax
 
+from apart_jax.collapse import ON_COLLAPSE
 from apart_jax.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
@@ -81,6 +98,11 @@ OPTIONAL: dict[str, tuple[Callable[[object], bool], str]] = {
     "eval_examples": _INTEGER,
     "psi": (_is_psi, "an object of numbers and lists of numbers"),
     "skipped_steps": _INTEGER,
+    "collapsed_epoch": _INTEGER,
+    "collapse_action": (lambda v: v in ON_COLLAPSE, f"one of {list(ON_COLLAPSE)}"),
+    "collapse_best_epoch": _INTEGER,
+    "collapse_best_pgd20_acc": _NUMBER,
+    "collapse_ratio": _NUMBER,
 }
 
 

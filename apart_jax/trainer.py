@@ -9,8 +9,14 @@ Data flows one way::
 :func:`train_and_evaluate` builds the run (:func:`apart_jax.run.setup_run`), resumes from
 the newest readable checkpoint and runs :func:`train_epoch` per epoch. What happens between
 steps and after an epoch (the progress bar, the health check, a checkpoint when one is due,
-the evaluation row, a stop on SIGTERM) are the small functions below, sharing one
-:class:`Loop`.
+the evaluation row, the collapse check, a stop on SIGTERM) are the small functions below,
+sharing one :class:`Loop`.
+
+Catastrophic overfitting (:mod:`apart_jax.collapse`) is checked after every evaluation:
+the first time a collapse is detected the run prints one line (:meth:`Collapse.line`),
+adds the ``collapse_*`` fields to that epoch's metrics row and, as ``on_collapse`` says,
+trains on, stops there, or reverts to the best epoch's checkpoint and stops
+(:func:`end_at_collapse`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import dataclasses
 import functools
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +40,9 @@ from apart_jax.checkpoint import (
     RunCheckpoints,
     checkpoint_meta,
     restore_resume_point,
+    restore_run_state,
 )
+from apart_jax.collapse import Collapse, best_epoch, detect_collapse
 from apart_jax.config import CONFIG_FILE
 from apart_jax.data import Dataset, DeviceData
 from apart_jax.evaluation import Evaluation, run_evaluation
@@ -52,9 +61,14 @@ PyTree = Any
 
 @dataclasses.dataclass
 class RunResult:
-    """What a finished run reports: the last evaluation row and where its outputs went.
+    """What a finished run reports: the evaluation row of its final state and where its
+    outputs went.
 
+    ``last`` is the last metrics row, or for a run reverted at a collapse the row of the
+    epoch it reverted to (its final checkpoint's); empty on processes other than the lead.
     ``resumed_from`` is the checkpoint step the run continued from (None: a fresh start).
+    ``collapse``: the catastrophic overfitting detected during the run (None if none), with
+    the action taken; :attr:`collapsed_epoch` and :attr:`collapse_action` read it.
     """
 
     method: str
@@ -65,6 +79,18 @@ class RunResult:
     checkpoint_path: str | None
     compile_seconds: float
     resumed_from: int | None = None
+    collapse: Collapse | None = None
+
+    @property
+    def collapsed_epoch(self) -> int | None:
+        """The epoch of the collapse, None if the run did not collapse."""
+        return None if self.collapse is None else self.collapse.epoch
+
+    @property
+    def collapse_action(self) -> str | None:
+        """The action: "continue", "stop" or "revert" (the run's ``on_collapse``, or
+        "stop" where a revert found no checkpoint of the best epoch); None if no collapse."""
+        return None if self.collapse is None else self.collapse.action
 
 
 def compile_epoch_steps(run: Run, state: TrainState) -> dict[int, Callable]:
@@ -118,7 +144,10 @@ class Loop:
 
     ``starts[i]`` is the number of examples before step ``i`` of an epoch;
     ``checkpoint_path`` is the newest checkpoint saved or resumed from (None: none yet);
-    ``stopping``: the run stops after the current step (:meth:`StopRequest.reached`).
+    ``stopping``: the run stops after the current step (:meth:`StopRequest.reached`);
+    ``evaluations``: ``(epoch, clean_acc, pgd20_acc)`` of every epoch evaluated so far,
+    those before the resume point from its checkpoint (saved with every checkpoint);
+    ``ended``: the collapse that ended the run ("stop" or "revert"), None while it trains.
     """
 
     run: Run
@@ -128,10 +157,30 @@ class Loop:
     checkpoint_path: str | None
     starts: np.ndarray
     stopping: bool = False
+    evaluations: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+    ended: Collapse | None = None
 
     @property
     def total_steps(self) -> int:
         return self.run.config.epochs * self.run.steps_per_epoch
+
+    def collapse(self, action: str) -> Collapse | None:
+        """The collapse in :attr:`evaluations` (:func:`apart_jax.collapse.detect_collapse`
+        with the run's ``collapse_ratio``), None if none."""
+        return detect_collapse(
+            [(epoch, pgd) for epoch, _, pgd in self.evaluations],
+            self.run.config.collapse_ratio,
+            action,
+            {epoch: clean for epoch, clean, _ in self.evaluations},
+        )
+
+    def best_epoch(self) -> int | None:
+        """The evaluated epoch of highest PGD-20 accuracy so far (ties: higher clean
+        accuracy, then the later epoch), None before the first evaluation."""
+        return best_epoch(
+            [(epoch, pgd) for epoch, _, pgd in self.evaluations],
+            {epoch: clean for epoch, clean, _ in self.evaluations},
+        )
 
 
 def checkpoint_due(loop: Loop, step: int) -> bool:
@@ -148,12 +197,17 @@ def save_checkpoint(
     health: StepHealth,
     train_seconds: float,
 ) -> None:
-    """Checks health, then saves checkpoint ``step`` (unless it is the one resumed from)."""
+    """Checks health, then saves checkpoint ``step`` (unless it is the one resumed from),
+    with the evaluations so far and, if the run ends at a collapse, the collapse."""
     config = loop.run.config
     check_health(health, config.skip_nonfinite, loop.checkpoint_path)
     if loop.checkpoints is not None and step != loop.resume_step:
-        meta = checkpoint_meta(config, loop.run, train_seconds)
+        meta = checkpoint_meta(config, loop.run, train_seconds, loop.evaluations, _ended(loop))
         loop.checkpoint_path = loop.checkpoints.save(step, state, totals, meta)
+
+
+def _ended(loop: Loop) -> dict[str, Any] | None:
+    return None if loop.ended is None else dataclasses.asdict(loop.ended)
 
 
 def stop_if_requested(loop: Loop, step: int) -> None:
@@ -239,24 +293,122 @@ def end_epoch(
     totals: EpochTotals,
     health: StepHealth,
     train_seconds: float,
-) -> None:
-    """After ``epoch``: its evaluation row (every ``eval_every`` epochs and after the last),
-    a checkpoint when one is due (every epoch when ``checkpoint_every`` is 0), the stop."""
+) -> bool:
+    """After ``epoch``: its evaluation row (every ``eval_every`` epochs and after the last)
+    and collapse check, a checkpoint when one is due (every epoch when ``checkpoint_every``
+    is 0, and with ``on_collapse="revert"`` at every new best epoch), the stop.
+
+    Returns whether the run ends here because of a collapse (:func:`end_at_collapse`).
+    """
     config, step = loop.run.config, epoch * loop.run.steps_per_epoch
+    collapse = None
     if epoch % config.eval_every == 0 or epoch == config.epochs:
         eval_start = time.perf_counter()
         accuracies = evaluation(state)
         eval_seconds = time.perf_counter() - eval_start
+        loop.evaluations.append((epoch, accuracies["clean_acc"], accuracies["pgd20_acc"]))
+        collapse = new_collapse(loop, epoch)
         row = evaluation_row(
             loop, epoch, state, totals, health, accuracies, train_seconds, eval_seconds
         )
+        if collapse is not None:
+            row.update(collapse.row_fields())
         log.write(row)
         bar.set_postfix(
             clean=f"{row['clean_acc']:.3f}", pgd20=f"{row['pgd20_acc']:.3f}", refresh=False
         )
-    if config.checkpoint_every == 0 or checkpoint_due(loop, step) or loop.stopping:
+    if collapse is not None and collapse.ended_run:
+        end_at_collapse(loop, collapse, step, state, totals, health, train_seconds)
+    if collapse is not None:
+        report(loop, collapse.line())
+        if collapse.ended_run:
+            return True
+    keep_best = (
+        config.on_collapse == "revert" and bool(loop.evaluations) and loop.best_epoch() == epoch
+    )
+    if keep_best:  # the epoch a collapse would revert to: save it and keep it
+        loop.checkpoints.keep_step(step)
+    if config.checkpoint_every == 0 or checkpoint_due(loop, step) or loop.stopping or keep_best:
         save_checkpoint(loop, step, state, totals, health, train_seconds)
     stop_if_requested(loop, step)
+    return False
+
+
+def report(loop: Loop, line: str) -> None:
+    """Prints ``line`` to stderr on the lead process (above the progress bar, if any)."""
+    if jax.process_index() == 0:
+        tqdm.write(line, file=sys.stderr)
+
+
+def new_collapse(loop: Loop, epoch: int) -> Collapse | None:
+    """The collapse detected at ``epoch``, just evaluated (None if there is none, or if it
+    was detected at an earlier epoch), with the action the run takes: its
+    ``on_collapse``, or "stop" where a revert finds no checkpoint of the best epoch.
+
+    Every process holds the same evaluations (the accuracies are replicated, the earlier
+    ones come from the checkpoint resumed from), so all take the same decision.
+    """
+    collapse = loop.collapse(loop.run.config.on_collapse)
+    if collapse is None or collapse.epoch != epoch:
+        return None
+    if collapse.action == "revert":
+        loop.checkpoints.wait()
+        best_step = collapse.best_epoch * loop.run.steps_per_epoch
+        if best_step not in loop.checkpoints.steps():
+            report(
+                loop,
+                f"on_collapse='revert': no checkpoint of epoch {collapse.best_epoch} "
+                f"({loop.checkpoints.path(best_step)}) to revert to; stopping instead",
+            )
+            collapse = dataclasses.replace(collapse, action="stop")
+    return collapse
+
+
+def end_at_collapse(
+    loop: Loop,
+    collapse: Collapse,
+    step: int,
+    state: TrainState,
+    totals: EpochTotals,
+    health: StepHealth,
+    train_seconds: float,
+) -> None:
+    """Ends the run at ``collapse`` (its ``action`` "stop" or "revert") with a final
+    checkpoint whose metadata records the collapse, so that running the same command
+    again finds the run finished instead of training on.
+
+    "stop": the final checkpoint is this epoch's (``step``), saved whatever
+    ``checkpoint_every`` says.
+
+    "revert": the best epoch's checkpoint becomes the final one. The trainer saved it when
+    that epoch was evaluated and kept it since (:meth:`RunCheckpoints.keep_step`: it
+    survives ``checkpoint_keep``), so no copy of the state is held in memory. It is
+    restored (its digests verified), the newer checkpoints are moved into
+    ``WORKDIR/checkpoints.reverted/`` (never deleted), and it is saved again under its own
+    step with the collapse in its metadata: the newest checkpoint, which reruns,
+    ``load_model`` and ``experiments.evaluate`` read, is the best epoch's state. A run
+    killed in between resumes from an earlier checkpoint and, being deterministic, meets
+    the same collapse again. The collapse epoch's own state is not saved.
+    """
+    loop.ended = collapse
+    checkpoints = loop.checkpoints
+    if collapse.action == "stop":
+        save_checkpoint(loop, step, state, totals, health, train_seconds)
+        if checkpoints is not None:
+            checkpoints.wait()
+        return
+    run = loop.run
+    best_step = collapse.best_epoch * run.steps_per_epoch
+    checkpoints.wait()
+    meta = checkpoints.read_meta(best_step)
+    best_state, best_totals = restore_run_state(checkpoints, best_step, run, meta)
+    for newer in checkpoints.steps():
+        if newer > best_step:
+            checkpoints.set_aside(newer, into=checkpoints.reverted_directory)
+    checkpoints.delete(best_step)
+    meta = checkpoint_meta(run.config, run, meta["train_seconds"], loop.evaluations, _ended(loop))
+    loop.checkpoint_path = checkpoints.save(best_step, best_state, best_totals, meta)
+    checkpoints.wait()
 
 
 def host_psi(method: Method, psi: PyTree) -> dict[str, Any]:
@@ -280,6 +432,13 @@ def train_and_evaluate(
       config: see :func:`apart_jax.config.default_config`.
       workdir: output directory (created).
       dataset: use this dataset instead of loading ``config.dataset``.
+
+    After every evaluation the run checks for catastrophic overfitting
+    (:mod:`apart_jax.collapse`, ``collapse_ratio``); at the first collapse it prints one
+    line, records it in that epoch's metrics row and, by ``on_collapse``, trains on
+    ("continue"), ends with that epoch's checkpoint ("stop") or ends with the best epoch's
+    checkpoint as the newest one ("revert", :func:`end_at_collapse`). Such a run is
+    finished: running it again trains no further. ``RunResult.collapse`` reports it.
 
     SIGTERM or SIGINT (preemption, Ctrl-C) ends the current step, writes a checkpoint and
     raises :class:`apart_jax.runguard.TrainingInterrupted`; rerunning resumes from it. With
@@ -340,12 +499,20 @@ def train_run(
         resume_step=resume_step,
         checkpoint_path=None if resume_step is None else checkpoints.path(resume_step),
         starts=np.cumsum([0, *run.batch_sizes]),
+        evaluations=[(int(e), float(c), float(p)) for e, c, p in meta.get("evaluations", [])],
+        ended=Collapse(**meta["collapse"]) if meta.get("collapse") else None,
     )
     steps_per_epoch, num_train = run.steps_per_epoch, len(run.dataset.y_train)
     step = resume_step or 0
-    log = MetricsLog(workdir, resume_step=resume_step, tensorboard=config.tensorboard, enabled=lead)
+    if config.on_collapse == "revert" and loop.evaluations:
+        checkpoints.keep_step(loop.best_epoch() * steps_per_epoch)
+    # A run that ended at a collapse is finished: keep its rows up to the collapse epoch
+    # (a reverted run's newest checkpoint is older) and train no further.
+    log_step = resume_step if loop.ended is None else loop.ended.epoch * steps_per_epoch
+    epochs = range(step // steps_per_epoch + 1, config.epochs + 1) if loop.ended is None else []
+    log = MetricsLog(workdir, resume_step=log_step, tensorboard=config.tensorboard, enabled=lead)
     with log:
-        for epoch in range(step // steps_per_epoch + 1, config.epochs + 1):
+        for epoch in epochs:
             first = step - (epoch - 1) * steps_per_epoch
             if first == 0:
                 totals = zero_totals(mesh)
@@ -369,16 +536,26 @@ def train_run(
                 step = epoch * steps_per_epoch
                 jax.block_until_ready(state)
                 train_seconds += time.perf_counter() - epoch_start
-                end_epoch(loop, log, evaluation, bar, epoch, state, totals, health, train_seconds)
+                if end_epoch(
+                    loop, log, evaluation, bar, epoch, state, totals, health, train_seconds
+                ):
+                    break
     if checkpoints is not None:
         checkpoints.wait()
+    collapse = loop.ended
+    if collapse is None and config.on_collapse == "continue":
+        collapse = loop.collapse("continue")
+    last = log.rows[-1] if log.rows else {}
+    if collapse is not None and collapse.action == "revert":
+        last = next((r for r in log.rows if r["epoch"] == collapse.best_epoch), {})
     return RunResult(
         method=method.name,
         label=method.label,
         passes_per_step=method.passes_per_step,
-        last=log.rows[-1] if log.rows else {},
+        last=last,
         metrics_path=log.path,
         checkpoint_path=loop.checkpoint_path,
         compile_seconds=compile_seconds,
         resumed_from=resume_step,
+        collapse=collapse,
     )

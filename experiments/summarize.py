@@ -7,8 +7,13 @@
 One row per run, in the order given: its label (the directory's basename; where two
 basenames coincide, the method and training eps, e.g. "apart 8/255", else the path), the
 method, the training eps, forward+backward passes per training step, the epochs trained
-(``12/15`` for an unfinished run), the training time (the last row's ``train_seconds``), and
-for the best and for the last evaluated epoch:
+(``12/15`` for an unfinished run; ``7/30 (stopped)`` or ``7/30 (reverted to 4)`` for a run
+the trainer ended at a collapse, ``on_collapse``), the epoch of catastrophic overfitting
+("collapsed at epoch": :func:`apart_jax.collapse.collapse_epoch` at ratio 0.5 on the
+metrics' PGD-20 accuracies, the first evaluated epoch whose PGD-20 accuracy is below half
+the best PGD-20 accuracy of the evaluated epochs before it; "-" when none is), the training
+time (the last row's ``train_seconds``), and for the best and for the last epoch (the final
+state: the last evaluated epoch, or the epoch a run reverted to):
 
 * clean and PGD-20 accuracy from DIR/metrics.jsonl (written by experiments.train);
 * C&W and AutoAttack ("AA") accuracy and the clean accuracy on the points they ran on, from
@@ -39,6 +44,7 @@ from typing import Any
 
 from absl import app, flags
 
+from apart_jax.collapse import collapse_epoch
 from apart_jax.config import ConfigError
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 from experiments.runs import distinct_labels, find_attack_report, read_run
@@ -48,6 +54,7 @@ FLAGS = flags.FLAGS
 ATTACKS = (("cw", "C&W"), ("autoattack", "AA"))  # eval json entry, column name
 EPOCH_KINDS = ("best", "last")
 MISSING = "-"
+COLLAPSE_RATIO = 0.5  # the table's definition of collapse, whatever a run's collapse_ratio
 NORMS = {"linf": "L-inf", "l2": "L2"}
 
 
@@ -88,16 +95,32 @@ def load_run_summary(workdir: str) -> dict[str, Any]:
     Returns:
       ``{"workdir", "label", "method", "method_label", "eps", "eval_eps",
       "eval_pgd_steps", "eval_pgd_step_size", "passes_per_step", "epochs",
-      "epochs_planned", "train_seconds", "best", "last"}``; ``best`` and ``last`` are
+      "epochs_planned", "collapsed_epoch", "collapse_action", "ended_by",
+      "train_seconds", "best", "last"}``; ``best`` and ``last`` are
       ``{"epoch", "step", "clean_acc", "pgd20_acc", "eval_examples", "attacks"}`` with
       ``attacks`` as :func:`experiments.runs.read_attack_report` returns for C&W and
       AutoAttack, or None when not evaluated. ``label`` is the directory's basename.
+      ``collapsed_epoch``: :func:`apart_jax.collapse.collapse_epoch` of the rows' PGD-20
+      accuracies at ratio 0.5 (None: none); ``collapse_action``: the trainer's record of
+      the collapse it detected (its ``collapse_action`` field: "continue", "stop" or
+      "revert"), None if it recorded none; ``ended_by``: "stopped" or "reverted to N" when
+      that ended the run, else None. ``last`` is the final state's epoch: the last row,
+      or for a reverted run the epoch it reverted to.
 
     Raises:
       ConfigError: :func:`experiments.runs.read_run` or an eval json refuses the directory.
     """
     config, method, rows = read_run(workdir)
-    last = rows[-1]
+    last = final = rows[-1]
+    recorded = next((r for r in rows if "collapse_action" in r), {})
+    action = recorded.get("collapse_action")
+    ended_by = None
+    if action == "stop":
+        ended_by = "stopped"
+    elif action == "revert":
+        reverted_to = recorded["collapse_best_epoch"]
+        ended_by = f"reverted to {reverted_to}"
+        final = next((r for r in rows if r["epoch"] == reverted_to), last)
     return {
         "workdir": workdir,
         "label": os.path.basename(os.path.abspath(workdir)),
@@ -110,9 +133,14 @@ def load_run_summary(workdir: str) -> dict[str, Any]:
         "passes_per_step": method.passes_per_step,
         "epochs": last["epoch"],
         "epochs_planned": config.get("epochs"),
+        "collapsed_epoch": collapse_epoch(
+            [(r["epoch"], r["pgd20_acc"]) for r in rows], COLLAPSE_RATIO
+        ),
+        "collapse_action": action,
+        "ended_by": ended_by,
         "train_seconds": last.get("train_seconds"),
         "best": _epoch_summary(workdir, best_row(rows)),
-        "last": _epoch_summary(workdir, last),
+        "last": _epoch_summary(workdir, final),
     }
 
 
@@ -157,14 +185,18 @@ def unique_labels(summaries: Sequence[dict[str, Any]]) -> list[str]:
 
 def _epochs_cell(summary: dict[str, Any]) -> str:
     planned = summary["epochs_planned"]
-    if planned is None or summary["epochs"] >= planned:
-        return str(summary["epochs"])
-    return f"{summary['epochs']}/{planned}"
+    cell = str(summary["epochs"])
+    if planned is not None and summary["epochs"] < planned:
+        cell += f"/{planned}"
+    if summary.get("ended_by"):
+        cell += f" ({summary['ended_by']})"
+    return cell
 
 
 def table_columns() -> list[str]:
     """The markdown table's header cells."""
-    columns = ["run", "method", "train eps", "passes/step", "epochs", "train time"]
+    columns = ["run", "method", "train eps", "passes/step", "epochs", "collapsed at epoch"]
+    columns.append("train time")
     for kind in EPOCH_KINDS:
         columns += [f"{kind} epoch", f"{kind} clean", f"{kind} PGD-20"]
         columns += [f"{kind} {name}" for _, name in ATTACKS]
@@ -180,6 +212,7 @@ def table_row(summary: dict[str, Any]) -> list[str]:
         MISSING if summary["method"] == "clean" else format_eps(summary["eps"]),
         str(summary["passes_per_step"]),
         _epochs_cell(summary),
+        MISSING if summary["collapsed_epoch"] is None else str(summary["collapsed_epoch"]),
         format_duration(summary["train_seconds"]),
     ]
     for kind in EPOCH_KINDS:
@@ -245,7 +278,11 @@ def protocol_line(summaries: Sequence[dict[str, Any]]) -> str:
         text += f"; {names} not evaluated"
     return (
         text + f'; BN in inference mode; "{MISSING}" = not evaluated; best = the epoch of highest '
-        "PGD-20 accuracy (ties: higher clean accuracy, then the later epoch)."
+        "PGD-20 accuracy (ties: higher clean accuracy, then the later epoch); last = the final "
+        "state (the last evaluated epoch, or the epoch a run reverted to at a collapse); "
+        f"collapsed at epoch = the first evaluated epoch whose PGD-20 accuracy is below "
+        f"{COLLAPSE_RATIO:g} x the best PGD-20 accuracy of the evaluated epochs before it "
+        f'(catastrophic overfitting; "{MISSING}" = never).'
     )
 
 
@@ -275,6 +312,8 @@ CSV_COLUMNS = [
     "passes_per_step",
     "epochs",
     "epochs_planned",
+    "collapsed_epoch",
+    "collapse_action",
     "train_seconds",
 ] + [
     f"{kind}_{key}"
@@ -303,6 +342,8 @@ def csv_row(summary: dict[str, Any]) -> dict[str, Any]:
         "passes_per_step": summary["passes_per_step"],
         "epochs": summary["epochs"],
         "epochs_planned": summary["epochs_planned"],
+        "collapsed_epoch": summary["collapsed_epoch"],
+        "collapse_action": summary["collapse_action"],
         "train_seconds": summary["train_seconds"],
     }
     for kind in EPOCH_KINDS:
