@@ -1,0 +1,302 @@
+"""The fast-adversarial-training study's report: tables and figures from its ledger.
+
+The ledger (``docs/results/fast_at/``) holds one directory per finished run, with the
+config.json, metrics.jsonl, AutoAttack reports and wall.json that
+``experiments.fast_at_study`` copies there. :func:`write_report` turns it into the section of
+docs/results.md between the fast-at markers and three figures in the ledger:
+
+* ``curves.png``: PGD-20 accuracy per epoch, one line per run, one panel per eps;
+* ``pareto.png``: best and final PGD-20 accuracy against training time, mean +- std over
+  seeds, with each method's passes per step;
+* ``psi.png``: APART's alpha, alpha_omega and layer alphas over training at each eps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from experiments.runs import read_metrics
+from experiments.summarize import COLLAPSE_RATIO, MISSING, format_duration, load_run_summary
+
+BEGIN, END = "<!-- fast-at -->", "<!-- /fast-at -->"
+COLLAPSE_CAPTION = (
+    f"A run **collapsed** at the first epoch whose PGD-20 accuracy is below "
+    f"{COLLAPSE_RATIO:g} x the best PGD-20 accuracy of the epochs before it "
+    "(apart_jax/collapse.py, the trainer's `on_collapse` probe)."
+)
+
+
+def load_ledger(ledger: str) -> list[dict[str, Any]]:
+    """Every finished run of the ledger: :func:`experiments.summarize.load_run_summary`
+    plus ``seed``, ``radius`` (eps in 1/255), ``rows`` (metrics) and ``wall`` (seconds)."""
+    runs = []
+    for name in sorted(os.listdir(ledger)) if os.path.isdir(ledger) else []:
+        workdir = os.path.join(ledger, name)
+        if not os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
+            continue
+        summary = load_run_summary(workdir)
+        with open(os.path.join(workdir, "config.json")) as f:
+            summary["seed"] = json.load(f)["seed"]
+        summary["radius"] = round(summary["eps"] * 255)
+        summary["rows"] = read_metrics(workdir)
+        summary["wall"] = read_wall(workdir)
+        runs.append(summary)
+    return runs
+
+
+def read_wall(workdir: str) -> dict[str, float]:
+    """A ledger run's wall.json: seconds per stage ("train", "attack"); {} if absent."""
+    path = os.path.join(workdir, "wall.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None with fewer than 2 values; both None if empty)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def format_mean_std(values: Sequence[float]) -> str:
+    """ "27.3 +- 1.2" (percent) for several values, "27.3" for one, "-" for none."""
+    mean, std = mean_std([100 * v for v in values])
+    if mean is None:
+        return MISSING
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def autoattack_accuracy(epoch: dict[str, Any]) -> float | None:
+    """The AutoAttack robust accuracy of a summary's best or last epoch, if evaluated."""
+    attacks = epoch.get("attacks") or {}
+    return attacks.get("autoattack")
+
+
+def group_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs grouped by (method, radius), in first-appearance order, with their statistics."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["method_label"], run["radius"]), []).append(run)
+    table = []
+    for (label, radius), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
+        best_aa = [a for r in members if (a := autoattack_accuracy(r["best"])) is not None]
+        last_aa = [a for r in members if (a := autoattack_accuracy(r["last"])) is not None]
+        table.append(
+            {
+                "method": label,
+                "radius": radius,
+                "passes": members[0]["passes_per_step"],
+                "seeds": sorted(r["seed"] for r in members),
+                "collapsed": sum(r["collapsed_epoch"] is not None for r in members),
+                "collapse_epochs": [r["collapsed_epoch"] for r in members],
+                "train_seconds": mean_std([r["train_seconds"] for r in members])[0],
+                "final_pgd": [r["last"]["pgd20_acc"] for r in members],
+                "best_pgd": [r["best"]["pgd20_acc"] for r in members],
+                "final_clean": [r["last"]["clean_acc"] for r in members],
+                "best_aa": best_aa,
+                "last_aa": last_aa,
+                "aa_points": next(
+                    (r["best"]["attacks"]["num_points"] for r in members if r["best"]["attacks"]),
+                    None,
+                ),
+            }
+        )
+    return table
+
+
+def results_table(groups: Sequence[dict[str, Any]]) -> str:
+    """The markdown table of :func:`group_runs`' rows."""
+    header = (
+        "| method | train eps | passes/step | seeds | collapsed | train time | final clean "
+        "| final PGD-20 | best PGD-20 | final AA | best AA |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for g in groups:
+        epochs = ", ".join(str(e) for e in g["collapse_epochs"] if e is not None)
+        collapsed = f"{g['collapsed']}/{len(g['seeds'])}" + (f" (ep. {epochs})" if epochs else "")
+        lines.append(
+            f"| {g['method']} | {g['radius']}/255 | {g['passes']} | {len(g['seeds'])} "
+            f"| {collapsed} | {format_duration(g['train_seconds'])} "
+            f"| {format_mean_std(g['final_clean'])} | {format_mean_std(g['final_pgd'])} "
+            f"| {format_mean_std(g['best_pgd'])} | {format_mean_std(g['last_aa'])} "
+            f"| {format_mean_std(g['best_aa'])} |"
+        )
+    return "\n".join(lines)
+
+
+def psi_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """APART's psi at the end of training, per radius (mean over seeds).
+
+    ``rate_factor`` is how many times psi's rate would have to grow for the largest layer
+    alpha to reach alpha, assuming (as holds while 400 x rate x steps << 1) that the layer
+    alphas grow in proportion to the rate.
+    """
+    rows = []
+    for radius in sorted({r["radius"] for r in runs if r["method"] == "apart"}):
+        finals = [
+            r["rows"][-1]["psi"] for r in runs if r["method"] == "apart" and r["radius"] == radius
+        ]
+        alpha = statistics.fmean(p["alpha"] for p in finals)
+        alpha_omega = statistics.fmean(p["alpha_omega"] for p in finals)
+        layer = statistics.fmean(max(abs(a) for a in p["layer_alphas"]) for p in finals)
+        rows.append(
+            {
+                "radius": radius,
+                "seeds": len(finals),
+                "alpha": alpha,
+                "alpha_omega": alpha_omega,
+                "max_layer_alpha": layer,
+                "rate_factor": alpha / layer if layer else float("inf"),
+            }
+        )
+    return rows
+
+
+def psi_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The markdown table of :func:`psi_rows`."""
+    lines = [
+        "| train eps | seeds | alpha (x255) | alpha_omega (x255) | alpha / alpha_omega "
+        "| largest layer alpha | largest layer alpha / alpha | psi rate needed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['radius']}/255 | {r['seeds']} | {255 * r['alpha']:.2f} "
+            f"| {255 * r['alpha_omega']:.2f} | {r['alpha'] / r['alpha_omega']:.2f} "
+            f"| {r['max_layer_alpha']:.2e} | {r['max_layer_alpha'] / r['alpha']:.1e} "
+            f"| {r['rate_factor']:.0f}x |"
+        )
+    return "\n".join(lines)
+
+
+def runtime_line(runs: Sequence[dict[str, Any]]) -> str:
+    """The study's total wall time so far, split into training and AutoAttack."""
+    train = sum(r["wall"].get("train", 0.0) for r in runs)
+    attack = sum(r["wall"].get("attack", 0.0) for r in runs)
+    return (
+        f"Wall time of the {len(runs)} runs so far: {format_duration(train + attack)} "
+        f"({format_duration(train)} training with its per-epoch evaluation, "
+        f"{format_duration(attack)} AutoAttack), on the machine each ran on."
+    )
+
+
+def plot_figures(
+    runs: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]], out: str
+) -> None:
+    """Writes curves.png, pareto.png and psi.png into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    radii = sorted({r["radius"] for r in runs})
+    methods = list(dict.fromkeys(r["method_label"] for r in runs))
+    colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
+
+    fig, axes = plt.subplots(1, len(radii), figsize=(6 * len(radii), 4), squeeze=False)
+    for ax, radius in zip(axes[0], radii, strict=True):
+        for r in (r for r in runs if r["radius"] == radius):
+            epochs = [row["epoch"] for row in r["rows"]]
+            pgd = [100 * row["pgd20_acc"] for row in r["rows"]]
+            ax.plot(epochs, pgd, color=colors[r["method_label"]], alpha=0.8, lw=1.2)
+        for m in methods:
+            ax.plot([], [], color=colors[m], label=m)
+        ax.set(title=f"trained and attacked at eps {radius}/255", xlabel="epoch",
+               ylabel="PGD-20 accuracy (%)")  # fmt: skip
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(radii), figsize=(6 * len(radii), 4), squeeze=False)
+    for ax, radius in zip(axes[0], radii, strict=True):
+        for g in (g for g in groups if g["radius"] == radius):
+            minutes = (g["train_seconds"] or 0) / 60
+            for key, marker in (("best_pgd", "o"), ("final_pgd", "x")):
+                mean, std = mean_std([100 * v for v in g[key]])
+                ax.errorbar(minutes, mean, yerr=std or 0, fmt=marker, color=colors[g["method"]],
+                            capsize=3)  # fmt: skip
+            ax.annotate(f"{g['method']} ({g['passes']})", (minutes, mean), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        ax.set(title=f"eps {radius}/255: best (o) and final (x) PGD-20",
+               xlabel="training time (min)", ylabel="PGD-20 accuracy (%)")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "pareto.png"), dpi=110)
+    plt.close(fig)
+
+    apart = [r for r in runs if r["method"] == "apart"]
+    if not apart:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for r in apart:
+        epochs = [row["epoch"] for row in r["rows"]]
+        style = "-" if r["radius"] == radii[0] else "--"
+        psi = [row["psi"] for row in r["rows"]]
+        axes[0].plot(epochs, [255 * p["alpha"] for p in psi], "C0" + style)
+        axes[0].plot(epochs, [255 * p["alpha_omega"] for p in psi], "C1" + style)
+        axes[1].plot(epochs, [max(abs(a) for a in p["layer_alphas"]) for p in psi], "C2" + style)
+    axes[0].plot([], [], "C0", label="alpha")
+    axes[0].plot([], [], "C1", label="alpha_omega")
+    axes[0].set(title="APART: alpha and alpha_omega (x255); dashed: larger eps", xlabel="epoch")
+    axes[0].legend()
+    axes[1].set(title="APART: largest |layer alpha|", xlabel="epoch", yscale="log")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "psi.png"), dpi=110)
+    plt.close(fig)
+
+
+def section(runs: Sequence[dict[str, Any]], figures: str) -> str:
+    """The markdown between the markers; ``figures`` is the figures' path from the .md file."""
+    groups = group_runs(runs)
+    aa_points = next((g["aa_points"] for g in groups if g["aa_points"]), None)
+    parts = [
+        results_table(groups),
+        "",
+        "Accuracies in %, mean ± sample std over the seeds (one value: one seed). "
+        "PGD-20: 20 steps of eps/4, one random start, at the training eps, on the first "
+        "1,000 test images after every epoch; best = the epoch of highest PGD-20 accuracy; "
+        f"AA: AutoAttack (APGD-CE, APGD-T, FAB-T, Square) on the first {aa_points or '-'} "
+        'test images at the best and the final epoch ("-": not run yet). '
+        f"{COLLAPSE_CAPTION} Train time: mean training time per run (evaluation excluded) "
+        "on the 2-core CPU VM; passes/step: forward + backward passes per training step.",
+        "",
+        f"![PGD-20 per epoch]({figures}/curves.png)",
+        "",
+        f"![robust accuracy against training time]({figures}/pareto.png)",
+    ]
+    psi = psi_rows(runs)
+    if psi:
+        parts += ["", "APART's psi at the end of training (mean over seeds):", "", psi_table(psi)]
+        parts += ["", f"![APART's psi over training]({figures}/psi.png)"]
+    parts += ["", runtime_line(runs)]
+    return "\n".join(parts)
+
+
+def write_report(ledger: str, results_md: str) -> str:
+    """Regenerates the figures and ``results_md``'s section from the ledger; returns the section.
+
+    Raises:
+      ValueError: ``results_md`` lacks the markers, or the ledger holds no finished run.
+    """
+    runs = load_ledger(ledger)
+    if not runs:
+        raise ValueError(f"{ledger} holds no finished run: run the train stage first")
+    plot_figures(runs, group_runs(runs), ledger)
+    figures = os.path.relpath(ledger, os.path.dirname(os.path.abspath(results_md)) or ".")
+    block = section(runs, figures)
+    with open(results_md) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{results_md} lacks the {BEGIN} ... {END} markers")
+    pattern = re.escape(BEGIN) + ".*?" + re.escape(END)
+    text = re.sub(pattern, lambda _: f"{BEGIN}\n{block}\n{END}", text, flags=re.S)
+    with open(results_md, "w") as f:
+        f.write(text)
+    return block

@@ -1,0 +1,213 @@
+"""The fast-adversarial-training study: single-step methods against PGD-10, over seeds and eps.
+
+    python -m experiments.fast_at_study --npz=cifar10.npz [--runs=runs/fast_at] \
+        [--ledger=docs/results/fast_at] [--methods=fgsm_rs,nfgsm,...] [--radii=8,16] \
+        [--seeds=0,1,2] [--stages=train,attack,report] [--aa_points=500]
+
+Each run is a preset of experiments/configs/fast_at.py (``METHOD + RADIUS``) with a seed,
+trained by ``experiments.train`` into RUNS/LABEL (LABEL = ``nfgsm16_s1``), in seed-major
+order so that every method has its first seed before any has its second. Stages:
+
+1. **train**: a finished run's config.json and metrics.jsonl (per-epoch clean and PGD-20
+   accuracy on 1,000 test images) are copied into the ledger, LEDGER/LABEL/, with the
+   command's wall time in ``wall.json``.
+2. **attack**: AutoAttack (``experiments.evaluate --suite=autoattack``) on the first
+   ``--aa_points`` test images at the best and the last epoch of every ledger run; its
+   reports go into the ledger too. A run whose checkpoints are gone is trained again
+   first (training is deterministic: the same checkpoints come back).
+3. **report**: ``docs/results.md``'s section between the fast-at markers is replaced by the
+   tables (mean +- std over seeds), and the figures (PGD-20 per epoch, robust accuracy
+   against training time, APART's psi) are written next to the ledger.
+
+Every stage skips what the ledger already holds, so rerunning the command after an
+interruption (or in a later session, on another machine, with the ledger committed)
+continues where it stopped; a run interrupted mid-training resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from experiments.cli import parse_flags_or_exit
+from experiments.configs.fast_at import METHODS, RADII
+from experiments.fast_at_report import write_report
+from experiments.runs import read_metrics
+from experiments.summarize import best_row
+
+FLAGS = flags.FLAGS
+CONFIG = "experiments/configs/fast_at.py"
+WALL_FILE = "wall.json"
+LEDGER_FILES = ("config.json", "metrics.jsonl")
+
+
+def define_flags() -> None:
+    """Defines this program's flags (once, before ``app.run``)."""
+    flags.DEFINE_string("npz", None, "Decoded CIFAR-10 npz (experiments/cifar10_npz.sh).")
+    flags.DEFINE_string("runs", "runs/fast_at", "Where the runs train (checkpoints).")
+    flags.DEFINE_string("ledger", "docs/results/fast_at", "Finished runs' records, to commit.")
+    flags.DEFINE_list("methods", list(METHODS), "Methods, in order.")
+    flags.DEFINE_list("radii", [str(r) for r in RADII], "Training eps in 1/255, in order.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, in order (the outer loop).")
+    flags.DEFINE_list("stages", ["train", "attack", "report"], "Stages to run, in order.")
+    flags.DEFINE_integer("aa_points", 500, "Test points for AutoAttack.")
+    flags.DEFINE_string("results_md", "docs/results.md", "Markdown file holding the section.")
+
+
+def run_labels(methods: Sequence[str], radii: Sequence[int], seeds: Sequence[int]) -> list[str]:
+    """Run labels in training order: seed-major, then radius, then method."""
+    return [f"{m}{r}_s{s}" for s in seeds for r in radii for m in methods]
+
+
+def parse_label(label: str) -> tuple[str, int]:
+    """``"nfgsm16_s1"`` -> (the preset ``"nfgsm16"``, the seed 1)."""
+    preset, seed = label.rsplit("_s", 1)
+    return preset, int(seed)
+
+
+def is_finished(workdir: str) -> bool:
+    """Whether ``workdir``'s metrics reach the configured number of epochs."""
+    try:
+        rows = read_metrics(workdir)
+        with open(os.path.join(workdir, "config.json")) as f:
+            epochs = json.load(f)["epochs"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return rows[-1]["epoch"] >= epochs
+
+
+def run_command(args: list[str], log_path: str) -> float:
+    """Runs ``python -m ...args``, its output appended to ``log_path``; the wall seconds.
+
+    Raises:
+      SystemExit: the command failed (its log's path is named).
+    """
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        done = subprocess.run([sys.executable, "-m", *args], stdout=log, stderr=log)
+    if done.returncode:
+        sys.exit(f"error: {' '.join(args[:3])} ... failed ({done.returncode}); see {log_path}")
+    return time.perf_counter() - start
+
+
+def add_wall(ledger_dir: str, key: str, seconds: float) -> None:
+    """Adds ``seconds`` to ``key`` of the run's ``wall.json``."""
+    path = os.path.join(ledger_dir, WALL_FILE)
+    wall = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            wall = json.load(f)
+    wall[key] = wall.get(key, 0.0) + seconds
+    with open(path, "w") as f:
+        json.dump(wall, f, indent=1)
+
+
+def train(label: str, npz: str, runs: str, ledger: str) -> None:
+    """Trains (or resumes) run ``label`` and copies its record into the ledger."""
+    preset, seed = parse_label(label)
+    workdir, ledger_dir = os.path.join(runs, label), os.path.join(ledger, label)
+    print(f"-- training {label}", flush=True)
+    seconds = run_command(
+        [
+            "experiments.train",
+            f"--config={CONFIG}:{preset}",
+            f"--config.npz_path={npz}",
+            f"--config.seed={seed}",
+            "--config.progress=False",
+            f"--workdir={workdir}",
+        ],
+        os.path.join(runs, f"{label}.log"),
+    )
+    os.makedirs(ledger_dir, exist_ok=True)
+    for name in LEDGER_FILES:
+        shutil.copy(os.path.join(workdir, name), ledger_dir)
+    add_wall(ledger_dir, "train", seconds)
+
+
+def attack_steps(ledger_dir: str) -> list[int]:
+    """The checkpoint steps of the best and the last epoch of a ledger run (one if equal)."""
+    rows = read_metrics(ledger_dir)
+    return sorted({best_row(rows)["step"], rows[-1]["step"]})
+
+
+def attack(label: str, npz: str, runs: str, ledger: str, points: int) -> None:
+    """AutoAttack on the best and last epochs of ``label``; reports copied into the ledger."""
+    workdir, ledger_dir = os.path.join(runs, label), os.path.join(ledger, label)
+    steps = attack_steps(ledger_dir)
+    newest = read_metrics(ledger_dir)[-1]["step"]
+    names = {s: "eval.json" if s == newest else f"eval_step{s}.json" for s in steps}
+    missing = [s for s in steps if not os.path.exists(os.path.join(ledger_dir, names[s]))]
+    if not missing:
+        return
+    if not all(os.path.isdir(os.path.join(workdir, "checkpoints", str(s))) for s in missing):
+        train(label, npz, runs, ledger)
+    for step in missing:
+        print(f"-- AutoAttack on {label}, step {step}", flush=True)
+        seconds = run_command(
+            [
+                "experiments.evaluate",
+                f"--workdir={workdir}",
+                f"--step={step}",
+                "--suite=autoattack",
+                f"--npz={npz}",
+                f"--num_points={points}",
+                "--count_passes=False",
+            ],
+            os.path.join(runs, f"{label}.log"),
+        )
+        shutil.copy(os.path.join(workdir, names[step]), ledger_dir)
+        add_wall(ledger_dir, "attack", seconds)
+
+
+def run_study(
+    npz: str,
+    runs: str,
+    ledger: str,
+    labels: Sequence[str],
+    stages: Sequence[str],
+    aa_points: int,
+    results_md: str,
+) -> None:
+    """Runs ``stages`` (train, attack, report) over the runs ``labels``; see the module doc."""
+    os.makedirs(runs, exist_ok=True)
+    os.makedirs(ledger, exist_ok=True)
+    for stage in stages:
+        if stage == "train":
+            for label in labels:
+                if not is_finished(os.path.join(ledger, label)):
+                    train(label, npz, runs, ledger)
+        elif stage == "attack":
+            for label in labels:
+                if is_finished(os.path.join(ledger, label)):
+                    attack(label, npz, runs, ledger, aa_points)
+        elif stage == "report":
+            print(write_report(ledger, results_md))
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    unknown = [m for m in FLAGS.methods if m not in METHODS]
+    if unknown:
+        raise app.UsageError(f"--methods: {unknown} not in {list(METHODS)}")
+    stages = [s for s in FLAGS.stages if s not in ("train", "attack", "report")]
+    if stages:
+        raise app.UsageError(f"--stages: unknown {stages}; choose from train, attack, report")
+    if {"train", "attack"} & set(FLAGS.stages) and not (FLAGS.npz and os.path.isfile(FLAGS.npz)):
+        raise app.UsageError(f"--npz={FLAGS.npz!r}: the train and attack stages need the data")
+    labels = run_labels(FLAGS.methods, [int(r) for r in FLAGS.radii], [int(s) for s in FLAGS.seeds])
+    npz = os.path.abspath(FLAGS.npz) if FLAGS.npz else ""
+    run_study(npz, FLAGS.runs, FLAGS.ledger, labels, FLAGS.stages, FLAGS.aa_points,
+              FLAGS.results_md)  # fmt: skip
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags_or_exit)
