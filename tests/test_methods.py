@@ -347,9 +347,9 @@ def step_inputs(run, seed=0, size=16):
 
 
 def test_nfgsm_without_noise_and_with_projection_is_fgsm(digits):
-    fgsm_run = build(digits, "fgsm", model="preact_resnet18")
+    fgsm_run = build(digits, "fgsm")
     fgsm_state, fgsm_step = with_optimizers(fgsm_run, weight_tx=SGD)
-    nfgsm_run = build(digits, "nfgsm", model="preact_resnet18", nfgsm_noise_scale=0.0)
+    nfgsm_run = build(digits, "nfgsm", nfgsm_noise_scale=0.0)
     projected = dataclasses.replace(nfgsm_run.method, projected=True)
     nfgsm_state, _ = with_optimizers(nfgsm_run, weight_tx=SGD)
     ctx = dataclasses.replace(nfgsm_run.ctx, weight_tx=SGD)
@@ -368,7 +368,7 @@ def test_nfgsm_without_noise_and_with_projection_is_fgsm(digits):
 
 @pytest.mark.parametrize("eps", [8 / 255, 16 / 255])
 def test_nfgsm_steps_alpha_from_the_noisy_start_and_does_not_project(digits, eps):
-    run = build(digits, "nfgsm", model="preact_resnet18", eps=eps)
+    run = build(digits, "nfgsm", eps=eps)
     ctx = dataclasses.replace(run.ctx, eps=eps)
     inputs = step_inputs(run)
     x = inputs.x
@@ -452,11 +452,12 @@ def reference_grad_align(run, params, stats, inputs, lam):
 
 def test_grad_align_step_matches_the_release_formulation(digits):
     lam, lr = 0.5, 0.1
-    run = build(digits, "grad_align", model="preact_resnet18", grad_align_lambda=lam)
+    run = build(digits, "grad_align", grad_align_lambda=lam)
     ctx = dataclasses.replace(run.ctx, weight_tx=optax.sgd(lr))
     inputs = step_inputs(run, seed=5, size=32)
     params, stats = jax.device_get(run.state.params), jax.device_get(run.state.batch_stats)
-    value, grads, ref_stats = reference_grad_align(run, params, stats, inputs, lam)
+    reference = jax.jit(lambda *args: reference_grad_align(run, *args))
+    value, grads, ref_stats = reference(params, stats, inputs, lam)
     state = run.state.replace(opt_state=ctx.weight_tx.init(run.state.params))
     new_state, metrics = jax.jit(run.method.step, static_argnums=0)(ctx, state, inputs)
     np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
@@ -465,5 +466,5 @@ def test_grad_align_step_matches_the_release_formulation(digits):
     assert_trees_close(new_state.params, expected, rtol=1e-5, atol=2e-6)
     assert_trees_close(new_state.batch_stats, ref_stats, rtol=1e-5, atol=1e-6)
     # The penalty's gradient is not negligible: without it the update differs.
-    _, plain_grads, _ = reference_grad_align(run, params, stats, inputs, 0.0)
+    _, plain_grads, _ = reference(params, stats, inputs, 0.0)
     assert trees_differ(grads, plain_grads, atol=1e-4)
