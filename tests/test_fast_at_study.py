@@ -10,6 +10,7 @@ from experiments import fast_at_study
 from experiments.fast_at_report import (
     BEGIN,
     END,
+    autoattack_accuracy,
     format_mean_std,
     group_runs,
     load_ledger,
@@ -114,3 +115,33 @@ def test_attack_steps_are_the_best_and_the_last_epoch(tmp_path):
     assert fast_at_study.attack_steps(str(directory)) == [2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH]
     flat = ledger_run(tmp_path, "apart", 16, 0, [0.2, 0.3])
     assert fast_at_study.attack_steps(str(flat)) == [2 * STEPS_PER_EPOCH]
+
+
+def test_the_attack_stage_evaluates_missing_epochs_once_and_copies_the_reports(
+    tmp_path, monkeypatch
+):
+    """Best epoch 2 and last epoch 3: two evaluate commands, reports copied into the ledger;
+    a second pass finds them there and runs nothing."""
+    ledger, runs = tmp_path / "ledger", tmp_path / "runs"
+    ledger_run(ledger, "fgsm_rs", 16, 0, [0.2, 0.3, 0.1])
+    workdir = runs / "fgsm_rs16_s0"
+    for step in (2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH):
+        (workdir / "checkpoints" / str(step)).mkdir(parents=True)
+    commands = []
+
+    def evaluate(args, log_path):
+        commands.append(args)
+        step = int(next(a for a in args if a.startswith("--step=")).split("=")[1])
+        name = "eval.json" if step == 3 * STEPS_PER_EPOCH else f"eval_step{step}.json"
+        write_eval(workdir, name, step, 0.4, {"autoattack": 0.2}, num_points=500)
+        return 30.0
+
+    monkeypatch.setattr(fast_at_study, "run_command", evaluate)
+    for _ in range(2):
+        fast_at_study.attack("fgsm_rs16_s0", "data.npz", str(runs), str(ledger), 500)
+    assert [a[0] for a in commands] == ["experiments.evaluate"] * 2
+    assert "--suite=autoattack" in commands[0] and "--num_points=500" in commands[0]
+    (run,) = load_ledger(ledger)
+    assert run["best"]["epoch"] == 2 and autoattack_accuracy(run["best"]) == 0.2
+    assert run["last"]["epoch"] == 3 and autoattack_accuracy(run["last"]) == 0.2
+    assert run["wall"] == {"attack": 60.0}
