@@ -7,8 +7,8 @@ seeds, by ``python -m experiments.fast_at_study`` (docs/results.md#fast-adversar
 Command (one run; the study script runs them all):
     python -m experiments.train --config=experiments/configs/fast_at.py:nfgsm16 \
         --config.npz_path=cifar10.npz --config.seed=1 --workdir=runs/fast_at/nfgsm16_s1
-Presets (the text after the colon): METHOD + 8 or 16, METHOD one of fgsm_rs, nfgsm,
-grad_align, fgsm_plus, apart, pgd10 (for example ``apart16``).
+Presets (the text after the colon): METHOD + 8 or 16, METHOD one of fgsm (the collapsing
+control), fgsm_rs, nfgsm, grad_align, fgsm_plus, apart, pgd10 (for example ``apart16``).
 Expected runtime on 2 CPU cores: 3-5 minutes of training for a single-step method (10-13
 for GradAlign, 12-19 for PGD-10), plus 25-50 s of evaluation per epoch (1,000 points).
 Expected result (measured, docs/results.md#fast-adversarial-training): see the table there;
@@ -29,7 +29,7 @@ import ml_collections
 from experiments.configs import METHOD_PRESETS, preset_config
 
 EPOCHS = 10
-METHODS = ("fgsm_rs", "nfgsm", "grad_align", "fgsm_plus", "apart", "pgd10")
+METHODS = ("fgsm", "fgsm_rs", "nfgsm", "grad_align", "fgsm_plus", "apart", "pgd10")
 RADII = (8, 16)  # in 1/255
 PRESETS = {
     f"{name}{radius}": {
