@@ -294,13 +294,26 @@ def saved_arrays(step_dir) -> list[np.ndarray]:
         return host_leaves(ocp.PyTreeCheckpointer().restore(step_dir / "state"))
 
 
-def flip_one_byte(step_dir):
-    """Inverts the middle byte of the state's largest array file; its length is unchanged."""
+def flip_one_byte_silently(step_dir, before) -> None:
+    """Inverts one byte of the state's largest array file, its length unchanged, at the first
+    position from the middle on where Orbax still reads the file, to other values of exactly
+    one array. (zstd detects corruption at some positions, depending on the bytes: a flip
+    there is damage Orbax reports, not the silent corruption this test is about; CI once
+    hit such a position with the middle byte.)"""
     data = step_dir / "state" / "ocdbt.process_0" / "d"
     path = max(data.iterdir(), key=lambda p: p.stat().st_size)
-    content = bytearray(path.read_bytes())
-    content[len(content) // 2] ^= 0xFF
-    path.write_bytes(content)
+    original = path.read_bytes()
+    for offset in range(len(original) // 2, len(original)):
+        content = bytearray(original)
+        content[offset] ^= 0xFF
+        path.write_bytes(content)
+        try:
+            after = saved_arrays(step_dir)
+        except ValueError:  # zstd: "Data corruption detected"
+            continue
+        if sum(not np.array_equal(a, b) for a, b in zip(before, after, strict=True)) == 1:
+            return
+    raise AssertionError(f"no byte of {path} corrupts it silently")
 
 
 def test_a_flipped_byte_is_caught_by_the_digests_and_the_previous_checkpoint_used(
@@ -311,11 +324,7 @@ def test_a_flipped_byte_is_caught_by_the_digests_and_the_previous_checkpoint_use
     and ends equal to the uninterrupted run."""
     workdir = stopped_after_94(reference, tmp_path)
     step_dir = workdir / "checkpoints" / "94"
-    before = saved_arrays(step_dir)
-    flip_one_byte(step_dir)
-    after = saved_arrays(step_dir)  # no error
-    changed = [not np.array_equal(a, b) for a, b in zip(before, after, strict=True)]
-    assert sum(changed) == 1
+    flip_one_byte_silently(step_dir, saved_arrays(step_dir))
     done = finish(workdir)
     assert "resumed from step 92" in done.stdout
     assert (
