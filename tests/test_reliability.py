@@ -309,7 +309,9 @@ def flip_one_byte_silently(step_dir, before) -> None:
         path.write_bytes(content)
         try:
             after = saved_arrays(step_dir)
-        except ValueError:  # zstd: "Data corruption detected"
+        except Exception:  # noqa: BLE001 -- Orbax reports the damage, so it is not silent.
+            # zstd's "Data corruption detected" reaches us as a ValueError in a local run
+            # and wrapped in another exception in CI's: any failure to read counts.
             continue
         if sum(not np.array_equal(a, b) for a, b in zip(before, after, strict=True)) == 1:
             return
