@@ -1,7 +1,7 @@
 """Training speed of every method against PGD-10 and plain training, measured side by side.
 
     python -m experiments.bench_speed [--width=16 --batch_size=128 --dtype=float32 \
-        --steps=20 --reference=torch --json=bench.json]
+        --steps=20 --reference=torch --release=PATH/TO/APART --json=bench.json]
 
 For each of clean, fgsm, fgsm_rs, fgsm_plus, apart, nfgsm, grad_align and pgd10 (same model,
 batch and dtype, one process): the compile time, then ``--steps`` training steps after
@@ -21,7 +21,10 @@ clean. Also:
   ``--peak_tflops`` is given), the model FLOP utilization;
 * with ``--reference=torch`` (CPU only, float32, needs the ``torch`` extra): the same model,
   width and batch in PyTorch eager in the same process (:mod:`experiments.torch_reference`),
-  its training step and input-gradient pass, and our ``t_train`` and ``t_in`` as ratios to them.
+  its training step and input-gradient pass, and our ``t_train`` and ``t_in`` as ratios to them;
+* with ``--release=PATH`` (CPU only, float32, needs the ``torch`` extra and a checkout of the
+  authors' APART release): the release's own APART training step at the same width and batch
+  in the same process (:mod:`experiments.release_reference`), and our apart step's ratio to it.
 
 Images are random uint8 arrays of CIFAR-10's shape (:mod:`experiments.synthetic`).
 ``--json PATH`` writes every number (schema in docs/benchmarks.md).
@@ -77,6 +80,9 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_enum(
     "reference", "none", ["none", "torch"], "Also time PyTorch eager (CPU, float32) in this run."
+)
+flags.DEFINE_string(
+    "release", None, "Checkout of LiyuanLucasLiu/APART: also time its APART step (CPU, float32)."
 )
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for the MFU estimate.")
 flags.DEFINE_string("json", None, "Write all results to this JSON file.")
@@ -231,6 +237,16 @@ def torch_reference(run: Run, pass_costs: dict) -> dict:
     }
 
 
+def release_reference(apart_step_s: float) -> dict:
+    """The authors' released APART step at this width and batch, and our apart step over it."""
+    from experiments.release_reference import release_step_times
+
+    release = release_step_times(
+        FLAGS.release, FLAGS.width, FLAGS.batch_size, FLAGS.warmup, FLAGS.steps
+    )
+    return {**release, "apart_over_release": apart_step_s / release["step_s"]}
+
+
 def machine_info(mesh) -> dict:
     device = jax.devices()[0]
     return {
@@ -294,6 +310,10 @@ def targets(summary: dict) -> list[tuple[str, float, float]]:
     if "reference" in summary:
         ratio = summary["reference"]["t_train_over_torch"]
         checks.append(("t_train / torch train step", ratio, 1.5))
+    if "release" in summary:
+        checks.append(
+            ("apart / release's apart step", summary["release"]["apart_over_release"], 1.0)
+        )
     if "apart" in r and "clean" in r:
         checks.append(("apart / clean", r["apart"]["ratio_to_clean"], 1.8))
     if "fgsm_plus" in r and "fgsm_rs" in r:
@@ -319,6 +339,17 @@ def main(argv: list[str]) -> None:
             "--reference=torch compares CPU float32 steps: it needs the clean method, "
             f"--dtype=float32 and a CPU backend (got {FLAGS.dtype} on {jax.default_backend()})"
         )
+    if FLAGS.release and (
+        "apart" not in FLAGS.methods
+        or FLAGS.model != "preact_resnet18"
+        or FLAGS.dtype != "float32"
+        or jax.default_backend() != "cpu"
+    ):
+        raise app.UsageError(
+            "--release compares CPU float32 APART steps of PreAct-ResNet-18: it needs the apart "
+            f"method, --model=preact_resnet18, --dtype=float32 and a CPU backend (got "
+            f"{FLAGS.model}, {FLAGS.dtype} on {jax.default_backend()})"
+        )
     devices = jax.devices()[: FLAGS.devices or None]
     mesh = data_mesh(devices)
     num_train = max(FLAGS.epoch_examples, 2 * FLAGS.batch_size)
@@ -335,6 +366,7 @@ def main(argv: list[str]) -> None:
         "eval_points": FLAGS.eval_points,
         "unroll": FLAGS.unroll or "backend default",
         "reference": FLAGS.reference,
+        "release": FLAGS.release,
     }
     machine = machine_info(mesh)
     print(
@@ -353,6 +385,8 @@ def main(argv: list[str]) -> None:
     summary = {"machine": machine, "config": config_info, **summarize(raw, t_in)}
     if FLAGS.reference == "torch":
         summary["reference"] = torch_reference(runs["clean"], summary["pass_costs"])
+    if FLAGS.release:
+        summary["release"] = release_reference(summary["results"]["apart"]["step_s"])
 
     if FLAGS.epoch_examples:
         summary["epochs"] = {}
@@ -410,6 +444,14 @@ def print_report(summary: dict) -> None:
             f"{ref['train_step_s'] * 1e3:.1f} ms, input-gradient pass "
             f"{ref['input_gradient_s'] * 1e3:.1f} ms; ours / torch: t_train "
             f"{ref['t_train_over_torch']:.2f}x, t_in {ref['t_in_over_torch']:.2f}x"
+        )
+    if "release" in summary:
+        rel = summary["release"]
+        print(
+            f"the authors' release ({rel['commit'][:7]}, {rel['framework']} eager, "
+            f"{rel['threads']} threads): APART step {rel['step_s'] * 1e3:.1f} ms "
+            f"(min {rel['step_s_min'] * 1e3:.1f}, max {rel['step_s_max'] * 1e3:.1f}); "
+            f"ours / release {rel['apart_over_release']:.2f}x"
         )
     for name, e in summary.get("epochs", {}).items():
         print(

@@ -83,9 +83,11 @@ def import_release(path: str, save_dir: str, layerwise: bool, batch_size: int):
     stub_modules()
     sys.path.insert(0, path)
     argv = ["train.py", "--no_cuda", "--save_dir", save_dir, "--batch_size", str(batch_size)]
-    sys.argv = argv + (["--layerwise"] if layerwise else [])
-    import train as release  # noqa: PLC0415 (the release's module, found on sys.path)
-
+    own_argv, sys.argv = sys.argv, argv + (["--layerwise"] if layerwise else [])
+    try:
+        import train as release  # noqa: PLC0415 (the release's module, found on sys.path)
+    finally:
+        sys.argv = own_argv
     return release
 
 
@@ -118,6 +120,70 @@ def synthetic_images(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.n
     return images.round().astype(np.uint8), rng.integers(0, NUM_CLASSES, n).astype(np.int64)
 
 
+def padded_frames(images: np.ndarray) -> np.ndarray:
+    """uint8 images (N, 32, 32, 3) -> float64 frames (N, 3, 40, 40) in [0, 1], padded by 4
+    with 0.5 as the release's loader pads them."""
+    return np.pad(
+        images.transpose(0, 3, 1, 2) / 255.0,
+        ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD)),
+        constant_values=PAD_VALUE,
+    )
+
+
+def permute_first(release, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    """Shim: ``train()`` permutes 50,000 examples; let it permute these N. Returns the list
+    every permutation it draws is appended to."""
+    orders: list[np.ndarray] = []
+
+    def permutation(_hard_coded_size):
+        orders.append(rng.permutation(n))
+        return orders[-1]
+
+    release.np = types.SimpleNamespace(random=types.SimpleNamespace(permutation=permutation))
+    return orders
+
+
+def release_optimizers(model, cycle_steps: int) -> tuple:
+    """The optimizers and schedules as the release's ``main()`` builds them, with a cycle of
+    ``cycle_steps`` updates and PyTorch 1.3.1's ``zero_grad``: (optimizer, optimizer_alpha,
+    scheduler, scheduler_alpha)."""
+    from torch import optim  # noqa: PLC0415
+
+    psi = [p for p in model.parameters() if len(p.data) == 1]
+    optimizer = optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=2e-4)
+    optimizer_alpha = optim.SGD(psi, lr=5e-8, momentum=0.9, weight_decay=400)
+    for opt in (optimizer, optimizer_alpha):  # Shim: PyTorch 1.3.1's zero_grad
+        opt.zero_grad = lambda opt=opt: type(opt).zero_grad(opt, set_to_none=False)
+    half = cycle_steps / 2
+    cyclic = dict(base_lr=0, step_size_up=half, step_size_down=half)
+    scheduler = optim.lr_scheduler.CyclicLR(optimizer, max_lr=0.2, **cyclic)
+    scheduler_alpha = optim.lr_scheduler.CyclicLR(optimizer_alpha, max_lr=5e-8, **cyclic)
+    return optimizer, optimizer_alpha, scheduler, scheduler_alpha
+
+
+def run_release_epoch(release, model, frames, omega_sets, labels, cycle_steps: int) -> None:
+    """The release's ``train()`` for one epoch on CPU tensors, its prints sent to stderr,
+    until a wrapped ``atta_aug`` raises :class:`Recorded`."""
+    import torch  # noqa: PLC0415
+
+    optimizer, optimizer_alpha, scheduler, scheduler_alpha = release_optimizers(model, cycle_steps)
+    release.writer = None
+    with contextlib.suppress(Recorded), contextlib.redirect_stdout(sys.stderr):
+        release.train(
+            release.args,
+            model,
+            torch.device("cpu"),
+            frames,
+            omega_sets,
+            labels,
+            optimizer,
+            optimizer_alpha,
+            1,
+            scheduler,
+            scheduler_alpha,
+        )
+
+
 def release_commit(path: str) -> str:
     """The checkout's commit, or "unknown" when it is not a git work tree."""
     try:
@@ -139,7 +205,6 @@ def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
 def record(release_path: str) -> dict[str, np.ndarray]:
     """Runs the release's ``train()`` for ``--steps`` steps; returns the recording's arrays."""
     import torch  # noqa: PLC0415
-    from torch import optim  # noqa: PLC0415
 
     steps, batch, n = FLAGS.steps, FLAGS.batch_size, FLAGS.num_train
     if n < steps * batch:
@@ -157,23 +222,10 @@ def record(release_path: str) -> dict[str, np.ndarray]:
                 tensor.copy_(tensor.float().double())
 
     images, labels = synthetic_images(rng, n)
-    frames = np.pad(
-        images.transpose(0, 3, 1, 2) / 255.0,
-        ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD)),
-        constant_values=PAD_VALUE,
-    )
+    frames = padded_frames(images)
     omega_init = (1e-3 * rng.standard_normal(frames.shape)).astype(np.float16)
-    cifar_x, cifar_y = torch.from_numpy(frames), torch.from_numpy(labels)
     omega_sets = torch.from_numpy(omega_init.astype(np.float64))
-
-    # Shim: train() permutes 50,000 examples; let it permute this recording's N.
-    orders: list[np.ndarray] = []
-
-    def permutation(_hard_coded_size):
-        orders.append(rng.permutation(n))
-        return orders[-1]
-
-    release.np = types.SimpleNamespace(random=types.SimpleNamespace(permutation=permutation))
+    orders = permute_first(release, rng, n)
 
     # Record every batch's augmentation; stop before the step after the K-th.
     draws: list[dict] = []
@@ -187,33 +239,15 @@ def record(release_path: str) -> dict[str, np.ndarray]:
         return omega, info
 
     release.atta_aug = recording_aug
-    release.writer = None
-
-    psi = [p for p in model.parameters() if len(p.data) == 1]
-    optimizer = optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=2e-4)
-    optimizer_alpha = optim.SGD(psi, lr=5e-8, momentum=0.9, weight_decay=400)
-    for opt in (optimizer, optimizer_alpha):  # Shim: PyTorch 1.3.1's zero_grad
-        opt.zero_grad = lambda opt=opt: type(opt).zero_grad(opt, set_to_none=False)
-    half = FLAGS.cycle_steps / 2
-    cyclic = dict(base_lr=0, step_size_up=half, step_size_down=half)
-    scheduler = optim.lr_scheduler.CyclicLR(optimizer, max_lr=0.2, **cyclic)
-    scheduler_alpha = optim.lr_scheduler.CyclicLR(optimizer_alpha, max_lr=5e-8, **cyclic)
-
     initial = state_arrays(model, "init")
-    with contextlib.suppress(Recorded), contextlib.redirect_stdout(sys.stderr):
-        release.train(
-            release.args,
-            model,
-            torch.device("cpu"),
-            cifar_x,
-            omega_sets,
-            cifar_y,
-            optimizer,
-            optimizer_alpha,
-            1,
-            scheduler,
-            scheduler_alpha,
-        )
+    run_release_epoch(
+        release,
+        model,
+        torch.from_numpy(frames),
+        omega_sets,
+        torch.from_numpy(labels),
+        FLAGS.cycle_steps,
+    )
     if len(draws) != steps:
         raise RuntimeError(f"the release ran {len(draws)} steps, expected {steps}")
 

@@ -4,11 +4,14 @@ and the speed benchmark's output. Timings themselves live in the benchmark, not 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
 import pytest
-from conftest import run_module, tiny_config
+from conftest import ROOT, module_env, run_module, tiny_config
 
 from apart_jax.evaluation import evaluate, make_eval_data, make_eval_step
 from apart_jax.run import setup_run
@@ -143,3 +146,68 @@ def test_the_pytorch_reference_refuses_what_it_cannot_compare():
     proc = run_module("experiments.bench_speed", "--reference=torch", "--dtype=bfloat16")
     assert proc.returncode != 0
     assert "--reference=torch compares CPU float32 steps" in proc.stderr
+    proc = run_module("experiments.bench_speed", "--release=.", "--methods=clean,pgd10")
+    assert proc.returncode != 0
+    assert "--release compares CPU float32 APART steps" in proc.stderr
+
+
+# A stand-in for the authors' release with the interface experiments.record_release uses:
+# train.py parses its flags at import, imports models.preresnet, and its train() calls
+# atta_aug once at the start of every step. Step k sleeps SECONDS[k], so the times the
+# wrapped atta_aug measures are known.
+FAKE_MODELS = """
+    from torch import nn
+    class PreActResNet(nn.Module):
+        def _make_layer(self, block, planes, num_blocks, stride):
+            return nn.Identity()
+"""
+FAKE_TRAIN = """
+    import argparse, time
+    import numpy as np
+    import models.preresnet
+    parser = argparse.ArgumentParser()
+    for flag in ("--no_cuda", "--layerwise"):
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("--save_dir")
+    parser.add_argument("--batch_size", type=int)
+    args = parser.parse_args()
+    SECONDS = [0.4, 0.05, 0.1, 0.15]
+    class PreActBlock:
+        pass
+    def atta_aug(omega, rst):
+        return omega, {}
+    def train(args, model, device, x, omega_sets, y, opt, opt_alpha, epoch, sched, sched_alpha):
+        assert args.layerwise and x.dtype == omega_sets.dtype == model.alpha.dtype
+        order = np.random.permutation(50000)
+        for k in range(50000 // args.batch_size):
+            batch = order[k * args.batch_size : (k + 1) * args.batch_size]
+            atta_aug(omega_sets[batch], None)
+            time.sleep(SECONDS[k])
+"""
+
+
+@pytest.mark.slow
+def test_the_release_reference_times_each_release_step_whole_after_the_warmup(tmp_path):
+    """Steps are timed from one atta_aug call to the next: the warm-up step's 0.4 s is
+    dropped and the 3 timed steps measure their sleeps (plus a little)."""
+    pytest.importorskip("torch")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("")
+    (tmp_path / "models" / "preresnet.py").write_text(textwrap.dedent(FAKE_MODELS))
+    (tmp_path / "train.py").write_text(textwrap.dedent(FAKE_TRAIN))
+    code = (
+        "import json; from experiments.release_reference import release_step_times; "
+        f"print(json.dumps(release_step_times({str(tmp_path)!r}, 4, 8, 1, 3)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=module_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["width"] == 4 and result["batch_size"] == 8 and result["commit"] == "unknown"
+    times = np.array(result["times"])
+    assert times.shape == (3,)
+    # Each step is its sleep plus the loop's own work: at most 0.018 s over 5 runs with both
+    # cores busy. The bounds leave 0.3 s, less than the warm-up step that must not be counted.
+    assert np.all(times >= [0.05, 0.1, 0.15]) and np.all(times < [0.35, 0.4, 0.45])
+    assert result["step_s"] == times[1] and result["step_s_min"] == times[0]
