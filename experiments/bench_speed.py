@@ -58,6 +58,7 @@ from apart_jax.state import zero_totals
 from apart_jax.step import device_order
 from apart_jax.trainer import compile_epoch_steps, train_epoch
 from experiments.cli import parse_flags_or_exit, quiet_logging
+from experiments.release_reference import release_step_times
 from experiments.synthetic import synthetic_cifar
 
 METHODS = ("clean", "fgsm", "fgsm_rs", "fgsm_plus", "apart", "nfgsm", "grad_align", "pgd10")
@@ -239,8 +240,6 @@ def torch_reference(run: Run, pass_costs: dict) -> dict:
 
 def release_reference(apart_step_s: float) -> dict:
     """The authors' released APART step at this width and batch, and our apart step over it."""
-    from experiments.release_reference import release_step_times
-
     release = release_step_times(
         FLAGS.release, FLAGS.width, FLAGS.batch_size, FLAGS.warmup, FLAGS.steps
     )

@@ -47,18 +47,24 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("release", None, "Checkout of the APART release (LiyuanLucasLiu/APART).")
-flags.DEFINE_string("out", "tests/data/apart_release_steps.npz", "Where to write the recording.")
-flags.DEFINE_integer("steps", 3, "Training steps K to record.")
-flags.DEFINE_integer("width", 8, "Channels of the first stage (the release: 64).")
-flags.DEFINE_integer("batch_size", 32, "Batch size (the release: 128).")
-flags.DEFINE_integer("num_train", 128, "Training examples N (at least steps x batch_size).")
-flags.DEFINE_integer("cycle_steps", 8, "Updates per triangular learning-rate cycle.")
-flags.DEFINE_bool("layerwise", True, "APART (--layerwise); False records FGSM+.")
-flags.DEFINE_integer("seed", 0, "Seed of the data, the initial state and the release's draws.")
-
 PAD, PAD_VALUE, SIZE = 4, 0.5, 32
 NUM_CLASSES = 10
+
+
+def define_flags() -> None:
+    """Defines this program's flags (once, before ``app.run``), so that other modules can
+    import the shims below (experiments.release_reference) beside their own flags."""
+    flags.DEFINE_string("release", None, "Checkout of the APART release (LiyuanLucasLiu/APART).")
+    flags.DEFINE_string(
+        "out", "tests/data/apart_release_steps.npz", "Where to write the recording."
+    )
+    flags.DEFINE_integer("steps", 3, "Training steps K to record.")
+    flags.DEFINE_integer("width", 8, "Channels of the first stage (the release: 64).")
+    flags.DEFINE_integer("batch_size", 32, "Batch size (the release: 128).")
+    flags.DEFINE_integer("num_train", 128, "Training examples N (at least steps x batch_size).")
+    flags.DEFINE_integer("cycle_steps", 8, "Updates per triangular learning-rate cycle.")
+    flags.DEFINE_bool("layerwise", True, "APART (--layerwise); False records FGSM+.")
+    flags.DEFINE_integer("seed", 0, "Seed of the data, the initial state and the release's draws.")
 
 
 class Recorded(Exception):
@@ -303,4 +309,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
