@@ -7,7 +7,10 @@ docs/results.md between the fast-at markers and three figures in the ledger:
 
 * ``curves.png``: PGD-20 accuracy per epoch, one line per run, one panel per eps;
 * ``pareto.png``: best and final PGD-20 accuracy against training time, mean +- std over
-  seeds, with each method's passes per step;
+  seeds, with each method's passes per step. The time is the run's steps x its method's step
+  time in the ledger's ``bench_speed.json`` (one ``experiments.bench_speed`` run, every method
+  side by side on one machine) where that file exists, since the runs themselves may train
+  on machines of different speed; otherwise the runs' measured mean;
 * ``psi.png``: APART's alpha, alpha_omega and layer alphas over training at each eps.
 """
 
@@ -24,6 +27,7 @@ from experiments.runs import read_metrics
 from experiments.summarize import COLLAPSE_RATIO, MISSING, format_duration, load_run_summary
 
 BEGIN, END = "<!-- fast-at -->", "<!-- /fast-at -->"
+BENCH_FILE = "bench_speed.json"
 COLLAPSE_CAPTION = (
     f"A run **collapsed** at the first epoch whose PGD-20 accuracy is below "
     f"{COLLAPSE_RATIO:g} x the best PGD-20 accuracy of the epochs before it "
@@ -41,12 +45,28 @@ def load_ledger(ledger: str) -> list[dict[str, Any]]:
             continue
         summary = load_run_summary(workdir)
         with open(os.path.join(workdir, "config.json")) as f:
-            summary["seed"] = json.load(f)["seed"]
+            config = json.load(f)
+        summary["seed"] = config["seed"]
+        summary["bench_name"] = bench_name(config)
         summary["radius"] = round(summary["eps"] * 255)
         summary["rows"] = read_metrics(workdir)
         summary["wall"] = read_wall(workdir)
         runs.append(summary)
     return runs
+
+
+def bench_name(config: dict[str, Any]) -> str:
+    """The method's name in experiments.bench_speed: ``pgd10`` for PGD-10, else the method."""
+    return f"pgd{config['pgd_steps']}" if config["method"] == "pgd" else config["method"]
+
+
+def read_bench(ledger: str) -> dict[str, Any]:
+    """The ledger's bench_speed.json (experiments.bench_speed's JSON); {} if absent."""
+    path = os.path.join(ledger, BENCH_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def read_wall(workdir: str) -> dict[str, float]:
@@ -79,8 +99,14 @@ def autoattack_accuracy(epoch: dict[str, Any]) -> float | None:
     return attacks.get("autoattack")
 
 
-def group_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs grouped by (method, radius), in first-appearance order, with their statistics."""
+def group_runs(
+    runs: Sequence[dict[str, Any]], bench: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Runs grouped by (method, radius), in first-appearance order, with their statistics.
+
+    ``bench`` (:func:`read_bench`) gives each group's ``bench_seconds``: its runs' steps x
+    its method's median step time there (None without it, or without the method)."""
+    step_seconds = {name: r["step_s"] for name, r in (bench or {}).get("results", {}).items()}
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault((run["method_label"], run["radius"]), []).append(run)
@@ -97,6 +123,11 @@ def group_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "collapsed": sum(r["collapsed_epoch"] is not None for r in members),
                 "collapse_epochs": [r["collapsed_epoch"] for r in members],
                 "train_seconds": mean_std([r["train_seconds"] for r in members])[0],
+                "bench_seconds": (
+                    members[0]["rows"][-1]["step"] * step_seconds[members[0]["bench_name"]]
+                    if members[0]["bench_name"] in step_seconds
+                    else None
+                ),
                 "final_pgd": [r["last"]["pgd20_acc"] for r in members],
                 "best_pgd": [r["best"]["pgd20_acc"] for r in members],
                 "final_clean": [r["last"]["clean_acc"] for r in members],
@@ -114,8 +145,8 @@ def group_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def results_table(groups: Sequence[dict[str, Any]]) -> str:
     """The markdown table of :func:`group_runs`' rows."""
     header = (
-        "| method | train eps | passes/step | seeds | collapsed | train time | final clean "
-        "| final PGD-20 | best PGD-20 | final AA | best AA |"
+        "| method | train eps | passes/step | seeds | collapsed | train time | one-machine time "
+        "| final clean | final PGD-20 | best PGD-20 | final AA | best AA |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for g in groups:
@@ -124,6 +155,7 @@ def results_table(groups: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"| {g['method']} | {g['radius']}/255 | {g['passes']} | {len(g['seeds'])} "
             f"| {collapsed} | {format_duration(g['train_seconds'])} "
+            f"| {format_duration(g['bench_seconds'])} "
             f"| {format_mean_std(g['final_clean'])} | {format_mean_std(g['final_pgd'])} "
             f"| {format_mean_std(g['best_pgd'])} | {format_mean_std(g['last_aa'])} "
             f"| {format_mean_std(g['best_aa'])} |"
@@ -215,10 +247,14 @@ def plot_figures(
     fig.savefig(os.path.join(out, "curves.png"), dpi=110)
     plt.close(fig)
 
+    one_machine = all(g["bench_seconds"] is not None for g in groups)
+    xlabel = "training time (min): " + (
+        "steps x bench_speed's step time, one machine" if one_machine else "measured mean"
+    )
     fig, axes = plt.subplots(1, len(radii), figsize=(6 * len(radii), 4), squeeze=False)
     for ax, radius in zip(axes[0], radii, strict=True):
         for g in (g for g in groups if g["radius"] == radius):
-            minutes = (g["train_seconds"] or 0) / 60
+            minutes = (g["bench_seconds"] if one_machine else g["train_seconds"] or 0) / 60
             for key, marker in (("best_pgd", "o"), ("final_pgd", "x")):
                 mean, std = mean_std([100 * v for v in g[key]])
                 ax.errorbar(minutes, mean, yerr=std or 0, fmt=marker, color=colors[g["method"]],
@@ -226,7 +262,7 @@ def plot_figures(
             ax.annotate(f"{g['method']} ({g['passes']})", (minutes, mean), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")  # fmt: skip
         ax.set(title=f"eps {radius}/255: best (o) and final (x) PGD-20",
-               xlabel="training time (min)", ylabel="PGD-20 accuracy (%)")  # fmt: skip
+               xlabel=xlabel, ylabel="PGD-20 accuracy (%)")  # fmt: skip
     fig.tight_layout()
     fig.savefig(os.path.join(out, "pareto.png"), dpi=110)
     plt.close(fig)
@@ -252,9 +288,25 @@ def plot_figures(
     plt.close(fig)
 
 
-def section(runs: Sequence[dict[str, Any]], figures: str) -> str:
+def bench_caption(bench: dict[str, Any]) -> str:
+    """The table caption's sentence on the one-machine time."""
+    if not bench:
+        return "One-machine time: not measured (no bench_speed.json in the ledger)."
+    machine, config = bench["machine"], bench["config"]
+    return (
+        "One-machine time: the run's steps x its method's median step time in one "
+        f"`experiments.bench_speed` run ({config['model']} width {config['width']}, batch "
+        f"{config['batch_size']}, {config['dtype']}; {machine['host_cpus']} CPUs, "
+        f"{machine['platform']}, jax {machine['jax']}, {machine['date']}), every method side "
+        "by side: the runs trained on VMs of different speed, so only this column compares "
+        "methods' costs, and the Pareto figure uses it."
+    )
+
+
+def section(
+    runs: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]], bench: dict, figures: str
+) -> str:
     """The markdown between the markers; ``figures`` is the figures' path from the .md file."""
-    groups = group_runs(runs)
     aa_points = next((g["aa_points"] for g in groups if g["aa_points"]), None)
     parts = [
         results_table(groups),
@@ -264,8 +316,9 @@ def section(runs: Sequence[dict[str, Any]], figures: str) -> str:
         "1,000 test images after every epoch; best = the epoch of highest PGD-20 accuracy; "
         f"AA: AutoAttack (APGD-CE, APGD-T, FAB-T, Square) on the first {aa_points or '-'} "
         'test images at the best and the final epoch ("-": not run yet). '
-        f"{COLLAPSE_CAPTION} Train time: mean training time per run (evaluation excluded) "
-        "on the 2-core CPU VM; passes/step: forward + backward passes per training step.",
+        f"{COLLAPSE_CAPTION} Train time: mean measured training time per run (evaluation "
+        f"excluded) on the 2-core CPU VMs. {bench_caption(bench)} Passes/step: forward + "
+        "backward passes per training step.",
         "",
         f"![PGD-20 per epoch]({figures}/curves.png)",
         "",
@@ -288,9 +341,11 @@ def write_report(ledger: str, results_md: str) -> str:
     runs = load_ledger(ledger)
     if not runs:
         raise ValueError(f"{ledger} holds no finished run: run the train stage first")
-    plot_figures(runs, group_runs(runs), ledger)
+    bench = read_bench(ledger)
+    groups = group_runs(runs, bench)
+    plot_figures(runs, groups, ledger)
     figures = os.path.relpath(ledger, os.path.dirname(os.path.abspath(results_md)) or ".")
-    block = section(runs, figures)
+    block = section(runs, groups, bench, figures)
     with open(results_md) as f:
         text = f.read()
     if BEGIN not in text or END not in text:

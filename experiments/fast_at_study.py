@@ -2,7 +2,7 @@
 
     python -m experiments.fast_at_study --npz=cifar10.npz [--runs=runs/fast_at] \
         [--ledger=docs/results/fast_at] [--methods=fgsm_rs,nfgsm,...] [--radii=8,16] \
-        [--seeds=0,1,2] [--stages=train,attack,report] [--aa_points=500]
+        [--seeds=0,1,2] [--stages=train,attack,bench,report] [--aa_points=500]
 
 Each run is a preset of experiments/configs/fast_at.py (``METHOD + RADIUS``) with a seed,
 trained by ``experiments.train`` into RUNS/LABEL (LABEL = ``nfgsm16_s1``), in seed-major
@@ -15,7 +15,11 @@ order so that every method has its first seed before any has its second. Stages:
    ``--aa_points`` test images at the best and the last epoch of every ledger run; its
    reports go into the ledger too. A run whose checkpoints are gone is trained again
    first (training is deterministic: the same checkpoints come back).
-3. **report**: ``docs/results.md``'s section between the fast-at markers is replaced by the
+3. **bench**: unless the ledger holds ``bench_speed.json``, ``experiments.bench_speed``
+   times every method's training step side by side in one run, at the study's width and
+   batch; the report's one-machine training time (steps x step time) comes from it, since
+   runs resumed in other sessions train on machines of other speeds.
+4. **report**: ``docs/results.md``'s section between the fast-at markers is replaced by the
    tables (mean +- std over seeds), and the figures (PGD-20 per epoch, robust accuracy
    against training time, APART's psi) are written next to the ledger.
 
@@ -37,8 +41,8 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from experiments.cli import parse_flags_or_exit
-from experiments.configs.fast_at import METHODS, RADII
-from experiments.fast_at_report import write_report
+from experiments.configs.fast_at import METHODS, RADII, get_config
+from experiments.fast_at_report import BENCH_FILE, write_report
 from experiments.runs import read_metrics
 from experiments.summarize import best_row
 
@@ -46,6 +50,7 @@ FLAGS = flags.FLAGS
 CONFIG = "experiments/configs/fast_at.py"
 WALL_FILE = "wall.json"
 LEDGER_FILES = ("config.json", "metrics.jsonl")
+STAGES = ("train", "attack", "bench", "report")
 
 
 def define_flags() -> None:
@@ -56,7 +61,7 @@ def define_flags() -> None:
     flags.DEFINE_list("methods", list(METHODS), "Methods, in order.")
     flags.DEFINE_list("radii", [str(r) for r in RADII], "Training eps in 1/255, in order.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, in order (the outer loop).")
-    flags.DEFINE_list("stages", ["train", "attack", "report"], "Stages to run, in order.")
+    flags.DEFINE_list("stages", list(STAGES), "Stages to run, in order.")
     flags.DEFINE_integer("aa_points", 500, "Test points for AutoAttack.")
     flags.DEFINE_string("results_md", "docs/results.md", "Markdown file holding the section.")
 
@@ -70,6 +75,12 @@ def parse_label(label: str) -> tuple[str, int]:
     """``"nfgsm16_s1"`` -> (the preset ``"nfgsm16"``, the seed 1)."""
     preset, seed = label.rsplit("_s", 1)
     return preset, int(seed)
+
+
+def label_method(label: str) -> str:
+    """``"pgd1016_s1"`` -> the study method ``"pgd10"`` (one of fast_at's METHODS)."""
+    preset = parse_label(label)[0]
+    return next(m for m in METHODS if preset[len(m) :].isdigit() and preset.startswith(m))
 
 
 def is_finished(workdir: str) -> bool:
@@ -166,6 +177,30 @@ def attack(label: str, npz: str, runs: str, ledger: str, points: int) -> None:
         add_wall(ledger_dir, "attack", seconds)
 
 
+def bench(methods: Sequence[str], runs: str, ledger: str) -> None:
+    """Times ``methods`` (and clean training) side by side with experiments.bench_speed at
+    the study's model, width and batch, into LEDGER/bench_speed.json, unless it exists."""
+    out = os.path.join(ledger, BENCH_FILE)
+    if os.path.exists(out):
+        return
+    config = get_config(f"{methods[0]}{RADII[0]}")
+    print("-- timing every method's step (experiments.bench_speed)", flush=True)
+    run_command(
+        [
+            "experiments.bench_speed",
+            f"--methods={','.join(['clean', *methods])}",
+            f"--model={config.model}",
+            f"--width={config.width}",
+            f"--batch_size={config.batch_size}",
+            f"--dtype={config.dtype}",
+            "--epoch_examples=0",
+            "--eval_points=0",
+            f"--json={out}",
+        ],
+        os.path.join(runs, "bench_speed.log"),
+    )
+
+
 def run_study(
     npz: str,
     runs: str,
@@ -175,7 +210,8 @@ def run_study(
     aa_points: int,
     results_md: str,
 ) -> None:
-    """Runs ``stages`` (train, attack, report) over the runs ``labels``; see the module doc."""
+    """Runs ``stages`` (train, attack, bench, report) over the runs ``labels``; see the
+    module doc."""
     os.makedirs(runs, exist_ok=True)
     os.makedirs(ledger, exist_ok=True)
     for stage in stages:
@@ -187,6 +223,8 @@ def run_study(
             for label in labels:
                 if is_finished(os.path.join(ledger, label)):
                     attack(label, npz, runs, ledger, aa_points)
+        elif stage == "bench":
+            bench(list(dict.fromkeys(label_method(label) for label in labels)), runs, ledger)
         elif stage == "report":
             print(write_report(ledger, results_md))
 
@@ -197,9 +235,9 @@ def main(argv: list[str]) -> None:
     unknown = [m for m in FLAGS.methods if m not in METHODS]
     if unknown:
         raise app.UsageError(f"--methods: {unknown} not in {list(METHODS)}")
-    stages = [s for s in FLAGS.stages if s not in ("train", "attack", "report")]
+    stages = [s for s in FLAGS.stages if s not in STAGES]
     if stages:
-        raise app.UsageError(f"--stages: unknown {stages}; choose from train, attack, report")
+        raise app.UsageError(f"--stages: unknown {stages}; choose from {', '.join(STAGES)}")
     if {"train", "attack"} & set(FLAGS.stages) and not (FLAGS.npz and os.path.isfile(FLAGS.npz)):
         raise app.UsageError(f"--npz={FLAGS.npz!r}: the train and attack stages need the data")
     labels = run_labels(FLAGS.methods, [int(r) for r in FLAGS.radii], [int(s) for s in FLAGS.seeds])

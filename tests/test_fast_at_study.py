@@ -15,6 +15,8 @@ from experiments.fast_at_report import (
     group_runs,
     load_ledger,
     psi_rows,
+    read_bench,
+    results_table,
     write_report,
 )
 from tests.test_summarize import STEPS_PER_EPOCH, config, write_eval, write_run
@@ -45,6 +47,9 @@ def test_labels_are_seed_major_and_parse_back():
     assert labels[:4] == ["nfgsm8_s0", "apart8_s0", "nfgsm16_s0", "apart16_s0"]
     assert labels[4] == "nfgsm8_s1" and len(labels) == 8
     assert fast_at_study.parse_label("grad_align16_s2") == ("grad_align16", 2)
+    assert fast_at_study.label_method("pgd1016_s0") == "pgd10"
+    assert fast_at_study.label_method("fgsm8_s1") == "fgsm"
+    assert fast_at_study.label_method("fgsm_rs16_s2") == "fgsm_rs"
 
 
 def test_statistics_over_seeds_and_collapse_counts(tmp_path):
@@ -145,3 +150,50 @@ def test_the_attack_stage_evaluates_missing_epochs_once_and_copies_the_reports(
     assert run["best"]["epoch"] == 2 and autoattack_accuracy(run["best"]) == 0.2
     assert run["last"]["epoch"] == 3 and autoattack_accuracy(run["last"]) == 0.2
     assert run["wall"] == {"attack": 60.0}
+
+
+def bench_json(step_seconds):
+    """A bench_speed.json with these median step times."""
+    return {
+        "machine": {"date": "2026-12-02", "platform": "cpu", "host_cpus": 2, "jax": "0.10.2"},
+        "config": {"model": "preact_resnet18", "width": 16, "batch_size": 128, "dtype": "float32"},
+        "results": {name: {"step_s": s} for name, s in step_seconds.items()},
+    }
+
+
+def test_one_machine_time_is_the_steps_times_the_benchmarked_step_time(tmp_path):
+    """3 epochs of 40 steps: 120 steps x 1.5 s (APART) and x 6 s (PGD-10, config method
+    pgd with 10 steps), whatever the runs measured on their own machines."""
+    ledger = tmp_path / "ledger"
+    ledger_run(ledger, "apart", 16, 0, [0.2, 0.3, 0.3])
+    ledger_run(ledger, "pgd", 16, 0, [0.25, 0.35, 0.3])
+    (ledger / "bench_speed.json").write_text(json.dumps(bench_json({"apart": 1.5, "pgd10": 6.0})))
+    groups = {g["method"]: g for g in group_runs(load_ledger(ledger), read_bench(ledger))}
+    assert groups["APART"]["bench_seconds"] == 3 * STEPS_PER_EPOCH * 1.5
+    assert groups["PGD-10"]["bench_seconds"] == 3 * STEPS_PER_EPOCH * 6.0
+    assert groups["APART"]["train_seconds"] == 180.0  # measured: 60 s per epoch
+    assert "| 3.0 min | 3.0 min |" in results_table(list(groups.values()))
+    assert "| 3.0 min | 12.0 min |" in results_table(list(groups.values()))
+    no_bench = group_runs(load_ledger(ledger), read_bench(tmp_path / "elsewhere"))
+    assert [g["bench_seconds"] for g in no_bench] == [None, None]
+
+
+def test_the_bench_stage_times_the_study_methods_once(tmp_path, monkeypatch):
+    ledger, runs = tmp_path / "ledger", tmp_path / "runs"
+    runs.mkdir()
+    commands = []
+
+    def bench_speed(args, log_path):
+        commands.append(args)
+        out = next(a for a in args if a.startswith("--json=")).split("=", 1)[1]
+        with open(out, "w") as f:
+            json.dump(bench_json({"clean": 1.0}), f)
+        return 10.0
+
+    monkeypatch.setattr(fast_at_study, "run_command", bench_speed)
+    labels = fast_at_study.run_labels(["nfgsm", "pgd10"], [8, 16], [0, 1])
+    for _ in range(2):
+        fast_at_study.run_study("", str(runs), str(ledger), labels, ["bench"], 500, "results.md")
+    (args,) = commands
+    assert args[0] == "experiments.bench_speed" and "--methods=clean,nfgsm,pgd10" in args
+    assert "--width=16" in args and "--batch_size=128" in args and "--model=preact_resnet18" in args
