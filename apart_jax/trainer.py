@@ -9,14 +9,15 @@ Data flows one way::
 :func:`train_and_evaluate` builds the run (:func:`apart_jax.run.setup_run`), resumes from
 the newest readable checkpoint and runs :func:`train_epoch` per epoch. What happens between
 steps and after an epoch (the progress bar, the health check, a checkpoint when one is due,
-the evaluation row, the collapse check, a stop on SIGTERM) are the small functions below,
-sharing one :class:`Loop`.
+the evaluation row, the collapse check, a stop on SIGTERM) are :func:`after_step` and
+:func:`end_epoch` below, which call the actions of :mod:`apart_jax.loop` on the run's one
+:class:`apart_jax.loop.Loop`.
 
 Catastrophic overfitting (:mod:`apart_jax.collapse`) is checked after every evaluation:
 the first time a collapse is detected the run prints one line (:meth:`Collapse.line`),
 adds the ``collapse_*`` fields to that epoch's metrics row and, as ``on_collapse`` says,
 trains on, stops there, or reverts to the best epoch's checkpoint and stops
-(:func:`end_at_collapse`).
+(:func:`apart_jax.loop.end_at_collapse`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,23 +35,27 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from apart_jax.checkpoint import (
-    RunCheckpoints,
-    checkpoint_meta,
-    restore_resume_point,
-    restore_run_state,
-)
-from apart_jax.collapse import Collapse, best_epoch, detect_collapse
+from apart_jax.checkpoint import RunCheckpoints, restore_resume_point
+from apart_jax.collapse import Collapse
 from apart_jax.config import CONFIG_FILE
 from apart_jax.data import Dataset, DeviceData
 from apart_jax.evaluation import Evaluation, run_evaluation
 from apart_jax.health import StepHealth, check_health, healthy, record_health
 from apart_jax.logbook import MetricsLog
+from apart_jax.loop import (
+    Loop,
+    checkpoint_due,
+    end_at_collapse,
+    new_collapse,
+    report,
+    save_checkpoint,
+    stop_if_requested,
+)
 from apart_jax.methods import Method
 from apart_jax.parallel import replicated
 from apart_jax.progress import progress_bar
 from apart_jax.run import Run, setup_run
-from apart_jax.runguard import PeerWatch, StopRequest, TrainingInterrupted, workdir_lock
+from apart_jax.runguard import PeerWatch, StopRequest, workdir_lock
 from apart_jax.state import EpochTotals, TrainState, zero_totals
 from apart_jax.step import device_order
 
@@ -138,88 +141,6 @@ def train_epoch(
     return state, totals, health
 
 
-@dataclasses.dataclass
-class Loop:
-    """What the epoch loop's periodic actions share.
-
-    ``starts[i]`` is the number of examples before step ``i`` of an epoch;
-    ``checkpoint_path`` is the newest checkpoint saved or resumed from (None: none yet);
-    ``stopping``: the run stops after the current step (:meth:`StopRequest.reached`);
-    ``evaluations``: ``(epoch, clean_acc, pgd20_acc)`` of every epoch evaluated so far,
-    those before the resume point from its checkpoint (saved with every checkpoint);
-    ``ended``: the collapse that ended the run ("stop" or "revert"), None while it trains.
-    """
-
-    run: Run
-    stop: StopRequest
-    checkpoints: RunCheckpoints | None
-    resume_step: int | None
-    checkpoint_path: str | None
-    starts: np.ndarray
-    stopping: bool = False
-    evaluations: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
-    ended: Collapse | None = None
-
-    @property
-    def total_steps(self) -> int:
-        return self.run.config.epochs * self.run.steps_per_epoch
-
-    def collapse(self, action: str) -> Collapse | None:
-        """The collapse in :attr:`evaluations` (:func:`apart_jax.collapse.detect_collapse`
-        with the run's ``collapse_ratio``), None if none."""
-        return detect_collapse(
-            [(epoch, pgd) for epoch, _, pgd in self.evaluations],
-            self.run.config.collapse_ratio,
-            action,
-            {epoch: clean for epoch, clean, _ in self.evaluations},
-        )
-
-    def best_epoch(self) -> int | None:
-        """The evaluated epoch of highest PGD-20 accuracy so far (ties: higher clean
-        accuracy, then the later epoch), None before the first evaluation."""
-        return best_epoch(
-            [(epoch, pgd) for epoch, _, pgd in self.evaluations],
-            {epoch: clean for epoch, clean, _ in self.evaluations},
-        )
-
-
-def checkpoint_due(loop: Loop, step: int) -> bool:
-    """Whether a checkpoint is due after ``step`` (the last step, or every ``checkpoint_every``)."""
-    every = loop.run.config.checkpoint_every
-    return step == loop.total_steps or (every > 0 and step % every == 0)
-
-
-def save_checkpoint(
-    loop: Loop,
-    step: int,
-    state: TrainState,
-    totals: EpochTotals,
-    health: StepHealth,
-    train_seconds: float,
-) -> None:
-    """Checks health, then saves checkpoint ``step`` (unless it is the one resumed from),
-    with the evaluations so far and, if the run ends at a collapse, the collapse."""
-    config = loop.run.config
-    check_health(health, config.skip_nonfinite, loop.checkpoint_path)
-    if loop.checkpoints is not None and step != loop.resume_step:
-        meta = checkpoint_meta(config, loop.run, train_seconds, loop.evaluations, _ended(loop))
-        loop.checkpoint_path = loop.checkpoints.save(step, state, totals, meta)
-
-
-def _ended(loop: Loop) -> dict[str, Any] | None:
-    return None if loop.ended is None else dataclasses.asdict(loop.ended)
-
-
-def stop_if_requested(loop: Loop, step: int) -> None:
-    """When the run stops after ``step`` (SIGTERM or SIGINT, agreed by every process): waits
-    for the checkpoint and raises :class:`TrainingInterrupted`."""
-    if not loop.stopping:
-        return
-    if loop.checkpoints is not None:
-        loop.checkpoints.wait()
-    raise TrainingInterrupted(loop.stop.signum or signal.SIGTERM, step, loop.checkpoint_path)
-
-
 def after_step(
     loop: Loop,
     bar: tqdm,
@@ -298,7 +219,8 @@ def end_epoch(
     and collapse check, a checkpoint when one is due (every epoch when ``checkpoint_every``
     is 0, and with ``on_collapse="revert"`` at every new best epoch), the stop.
 
-    Returns whether the run ends here because of a collapse (:func:`end_at_collapse`).
+    Returns whether the run ends here because of a collapse
+    (:func:`apart_jax.loop.end_at_collapse`).
     """
     config, step = loop.run.config, epoch * loop.run.steps_per_epoch
     collapse = None
@@ -334,83 +256,6 @@ def end_epoch(
     return False
 
 
-def report(loop: Loop, line: str) -> None:
-    """Prints ``line`` to stderr on the lead process (above the progress bar, if any)."""
-    if jax.process_index() == 0:
-        tqdm.write(line, file=sys.stderr)
-
-
-def new_collapse(loop: Loop, epoch: int) -> Collapse | None:
-    """The collapse detected at ``epoch``, just evaluated (None if there is none, or if it
-    was detected at an earlier epoch), with the action the run takes: its
-    ``on_collapse``, or "stop" where a revert finds no checkpoint of the best epoch.
-
-    Every process holds the same evaluations (the accuracies are replicated, the earlier
-    ones come from the checkpoint resumed from), so all take the same decision.
-    """
-    collapse = loop.collapse(loop.run.config.on_collapse)
-    if collapse is None or collapse.epoch != epoch:
-        return None
-    if collapse.action == "revert":
-        loop.checkpoints.wait()
-        best_step = collapse.best_epoch * loop.run.steps_per_epoch
-        if best_step not in loop.checkpoints.steps():
-            report(
-                loop,
-                f"on_collapse='revert': no checkpoint of epoch {collapse.best_epoch} "
-                f"({loop.checkpoints.path(best_step)}) to revert to; stopping instead",
-            )
-            collapse = dataclasses.replace(collapse, action="stop")
-    return collapse
-
-
-def end_at_collapse(
-    loop: Loop,
-    collapse: Collapse,
-    step: int,
-    state: TrainState,
-    totals: EpochTotals,
-    health: StepHealth,
-    train_seconds: float,
-) -> None:
-    """Ends the run at ``collapse`` (its ``action`` "stop" or "revert") with a final
-    checkpoint whose metadata records the collapse, so that running the same command
-    again finds the run finished instead of training on.
-
-    "stop": the final checkpoint is this epoch's (``step``), saved whatever
-    ``checkpoint_every`` says.
-
-    "revert": the best epoch's checkpoint becomes the final one. The trainer saved it when
-    that epoch was evaluated and kept it since (:meth:`RunCheckpoints.keep_step`: it
-    survives ``checkpoint_keep``), so no copy of the state is held in memory. It is
-    restored (its digests verified), the newer checkpoints are moved into
-    ``WORKDIR/checkpoints.reverted/`` (never deleted), and it is saved again under its own
-    step with the collapse in its metadata: the newest checkpoint, which reruns,
-    ``load_model`` and ``experiments.evaluate`` read, is the best epoch's state. A run
-    killed in between resumes from an earlier checkpoint and, being deterministic, meets
-    the same collapse again. The collapse epoch's own state is not saved.
-    """
-    loop.ended = collapse
-    checkpoints = loop.checkpoints
-    if collapse.action == "stop":
-        save_checkpoint(loop, step, state, totals, health, train_seconds)
-        if checkpoints is not None:
-            checkpoints.wait()
-        return
-    run = loop.run
-    best_step = collapse.best_epoch * run.steps_per_epoch
-    checkpoints.wait()
-    meta = checkpoints.read_meta(best_step)
-    best_state, best_totals = restore_run_state(checkpoints, best_step, run, meta)
-    for newer in checkpoints.steps():
-        if newer > best_step:
-            checkpoints.set_aside(newer, into=checkpoints.reverted_directory)
-    checkpoints.delete(best_step)
-    meta = checkpoint_meta(run.config, run, meta["train_seconds"], loop.evaluations, _ended(loop))
-    loop.checkpoint_path = checkpoints.save(best_step, best_state, best_totals, meta)
-    checkpoints.wait()
-
-
 def host_psi(method: Method, psi: PyTree) -> dict[str, Any]:
     """``method``'s summary of psi as JSON-ready numbers and lists."""
     summary = jax.device_get(method.psi_summary(psi))
@@ -437,7 +282,7 @@ def train_and_evaluate(
     (:mod:`apart_jax.collapse`, ``collapse_ratio``); at the first collapse it prints one
     line, records it in that epoch's metrics row and, by ``on_collapse``, trains on
     ("continue"), ends with that epoch's checkpoint ("stop") or ends with the best epoch's
-    checkpoint as the newest one ("revert", :func:`end_at_collapse`). Such a run is
+    checkpoint as the newest one ("revert", :func:`apart_jax.loop.end_at_collapse`). Such a run is
     finished: running it again trains no further. ``RunResult.collapse`` reports it.
 
     SIGTERM or SIGINT (preemption, Ctrl-C) ends the current step, writes a checkpoint and
@@ -526,11 +371,19 @@ def train_run(
                 unit="step",
             )
             with bar:
-                report = functools.partial(
+                after_each_step = functools.partial(
                     after_step, loop, bar, epoch, epoch_start - train_seconds
                 )
                 state, totals, health = train_epoch(
-                    compiled, state, totals, run.data, order, run.batch_sizes, first, report, health
+                    compiled,
+                    state,
+                    totals,
+                    run.data,
+                    order,
+                    run.batch_sizes,
+                    first,
+                    after_each_step,
+                    health,
                 )
                 check_health(health, config.skip_nonfinite, loop.checkpoint_path)
                 step = epoch * steps_per_epoch
