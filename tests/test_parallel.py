@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -116,17 +115,21 @@ def train_two_processes(workdir) -> list[str]:
     return [out for out, _ in outputs]
 
 
-def test_two_processes_match_one_process_and_resume(tmp_path):
-    four = subprocess.Popen(
+def test_two_processes_match_one_process(tmp_path):
+    """Resuming a 2-process run is tested with its faults (tests/test_multihost_faults.py)."""
+    # One after the other: three JAX processes at once on a loaded 2-core machine (pytest-xdist
+    # runs another test file beside this one) once made the 2-process run fail in its first
+    # collective ("Gloo context initialization failed: ... GetKeyValue() timed out").
+    four = subprocess.run(
         [sys.executable, *TRAIN, f"--workdir={tmp_path / 'four'}"],
         cwd=ROOT,
         env=module_env(devices=4),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
+        timeout=600,
     )
+    assert four.returncode == 0, four.stderr
     two_out = train_two_processes(tmp_path / "two")
-    assert four.wait(timeout=600) == 0, four.communicate()[1]
     assert "APART: clean" in two_out[0] and "APART" not in two_out[1]  # process 0 reports
     rows_four = read_rows(str(tmp_path / "four" / "metrics.jsonl"))
     rows_two = read_rows(str(tmp_path / "two" / "metrics.jsonl"))
@@ -144,11 +147,3 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
         assert {k: a[k] for k in ACCURACIES} == {k: b[k] for k in ACCURACIES}
         np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-3)
         np.testing.assert_allclose(a["psi"]["alpha"], b["psi"]["alpha"], rtol=1e-2)
-
-    # Kill after epoch 1's checkpoint: the 2-process run resumes to the same result.
-    shutil.rmtree(tmp_path / "two" / "checkpoints" / "10")
-    resumed_out = train_two_processes(tmp_path / "two")
-    assert "resumed from step 5" in resumed_out[0]
-    resumed = read_rows(str(tmp_path / "two" / "metrics.jsonl"))
-    strip = [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in resumed]
-    assert strip == [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows_two]
