@@ -102,11 +102,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_pgd_step_size = 2 / 255
 
     # Catastrophic overfitting (apart_jax.collapse): an evaluated epoch whose PGD-20 accuracy
-    # is below collapse_ratio x the best of the evaluated epochs before it. on_collapse:
+    # is below collapse_ratio x the best of the evaluated epochs before it, that best being
+    # at least collapse_min_best (chance level on 10 classes; 1 / num_classes elsewhere,
+    # 0 = no floor). on_collapse:
     # "continue" (log it only), "stop" (end the run there, its checkpoint the final one) or
     # "revert" (end the run with the best epoch's checkpoint as the final one: early
     # stopping; needs checkpoint=True). A run resumes only with the same values.
     c.collapse_ratio = 0.5
+    c.collapse_min_best = 0.1
     c.on_collapse = "continue"
 
     # Execution.
@@ -132,9 +135,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # Keys that may change between a run and its resumption: they do not change the numbers.
-# collapse_ratio and on_collapse are not among them: they decide where a run ends and which
-# state is its final one, so a run stopped or reverted at a collapse stays finished, and a
-# resumed run follows the policy its checkpoints and metrics were written under.
+# collapse_ratio, collapse_min_best and on_collapse are not among them: they decide where a
+# run ends and which state is its final one, so a run stopped or reverted at a collapse stays
+# finished, and a resumed run follows the policy its checkpoints and metrics were written
+# under.
 EXECUTION_KEYS = frozenset(
     {
         "npz_path",
@@ -287,6 +291,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         + (f"{c.dataset} has {known} classes" if known else "must be at least 2"),
     )
     _require(0.0 < c.collapse_ratio < 1.0, f"collapse_ratio={c.collapse_ratio} must be in (0, 1)")
+    _require(
+        0.0 <= c.collapse_min_best < 1.0,
+        f"collapse_min_best={c.collapse_min_best} must be in [0, 1)",
+    )
     _require(
         c.on_collapse in ON_COLLAPSE,
         f"on_collapse={c.on_collapse!r}: choose one of {list(ON_COLLAPSE)}",

@@ -35,6 +35,8 @@ key                          type    value
 ``collapse_best_pgd20_acc``  number  that epoch's PGD-20 accuracy
 ``collapse_ratio``           number  the run's ``collapse_ratio``: this row's
                                      ``pgd20_acc`` < ratio x ``collapse_best_pgd20_acc``
+``collapse_min_best``        number  the run's ``collapse_min_best``: the floor that
+                                     ``collapse_best_pgd20_acc`` reached
 ===========================  ======  ==================================================
 
 Other keys are kept as they are. :func:`read_rows` is the one reader: the trainer's resume,
@@ -103,6 +105,7 @@ OPTIONAL: dict[str, tuple[Callable[[object], bool], str]] = {
     "collapse_best_epoch": _INTEGER,
     "collapse_best_pgd20_acc": _NUMBER,
     "collapse_ratio": _NUMBER,
+    "collapse_min_best": _NUMBER,
 }
 
 

@@ -52,12 +52,13 @@ class Loop:
 
     def collapse(self, action: str) -> Collapse | None:
         """The collapse in :attr:`evaluations` (:func:`apart_jax.collapse.detect_collapse`
-        with the run's ``collapse_ratio``), None if none."""
+        with the run's ``collapse_ratio`` and ``collapse_min_best``), None if none."""
         return detect_collapse(
             [(epoch, pgd) for epoch, _, pgd in self.evaluations],
             self.run.config.collapse_ratio,
             action,
             {epoch: clean for epoch, clean, _ in self.evaluations},
+            self.run.config.collapse_min_best,
         )
 
     def best_epoch(self) -> int | None:

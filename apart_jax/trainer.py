@@ -279,11 +279,12 @@ def train_and_evaluate(
       dataset: use this dataset instead of loading ``config.dataset``.
 
     After every evaluation the run checks for catastrophic overfitting
-    (:mod:`apart_jax.collapse`, ``collapse_ratio``); at the first collapse it prints one
-    line, records it in that epoch's metrics row and, by ``on_collapse``, trains on
-    ("continue"), ends with that epoch's checkpoint ("stop") or ends with the best epoch's
-    checkpoint as the newest one ("revert", :func:`apart_jax.loop.end_at_collapse`). Such a run is
-    finished: running it again trains no further. ``RunResult.collapse`` reports it.
+    (:mod:`apart_jax.collapse`, ``collapse_ratio``, ``collapse_min_best``); at the first
+    collapse it prints one line, records it in that epoch's metrics row and, by
+    ``on_collapse``, trains on ("continue"), ends with that epoch's checkpoint ("stop") or
+    ends with the best epoch's checkpoint as the newest one ("revert",
+    :func:`apart_jax.loop.end_at_collapse`). Such a run is finished: running it again
+    trains no further. ``RunResult.collapse`` reports it.
 
     SIGTERM or SIGINT (preemption, Ctrl-C) ends the current step, writes a checkpoint and
     raises :class:`apart_jax.runguard.TrainingInterrupted`; rerunning resumes from it. With
@@ -345,7 +346,9 @@ def train_run(
         checkpoint_path=None if resume_step is None else checkpoints.path(resume_step),
         starts=np.cumsum([0, *run.batch_sizes]),
         evaluations=[(int(e), float(c), float(p)) for e, c, p in meta.get("evaluations", [])],
-        ended=Collapse(**meta["collapse"]) if meta.get("collapse") else None,
+        # A checkpoint written before collapse_min_best existed ended at a collapse found
+        # with no floor.
+        ended=Collapse(**{"min_best": 0.0, **meta["collapse"]}) if meta.get("collapse") else None,
     )
     steps_per_epoch, num_train = run.steps_per_epoch, len(run.dataset.y_train)
     step = resume_step or 0

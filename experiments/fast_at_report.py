@@ -24,14 +24,22 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments.runs import read_metrics
-from experiments.summarize import COLLAPSE_RATIO, MISSING, format_duration, load_run_summary
+from experiments.summarize import (
+    COLLAPSE_MIN_BEST,
+    COLLAPSE_RATIO,
+    MISSING,
+    format_duration,
+    load_run_summary,
+)
 
 BEGIN, END = "<!-- fast-at -->", "<!-- /fast-at -->"
 BENCH_FILE = "bench_speed.json"
 COLLAPSE_CAPTION = (
     f"A run **collapsed** at the first epoch whose PGD-20 accuracy is below "
-    f"{COLLAPSE_RATIO:g} x the best PGD-20 accuracy of the epochs before it "
-    "(apart_jax/collapse.py, the trainer's `on_collapse` probe)."
+    f"{COLLAPSE_RATIO:g} x the best PGD-20 accuracy of the epochs before it, that best "
+    f"being at least {COLLAPSE_MIN_BEST:.0%} (chance level: a run has no robustness to "
+    "lose before it beats a constant classifier) (apart_jax/collapse.py, the trainer's "
+    "`on_collapse` probe)."
 )
 
 

@@ -9,9 +9,10 @@ basenames coincide, the method and training eps, e.g. "apart 8/255", else the pa
 method, the training eps, forward+backward passes per training step, the epochs trained
 (``12/15`` for an unfinished run; ``7/30 (stopped)`` or ``7/30 (reverted to 4)`` for a run
 the trainer ended at a collapse, ``on_collapse``), the epoch of catastrophic overfitting
-("collapsed at epoch": :func:`apart_jax.collapse.collapse_epoch` at ratio 0.5 on the
+("collapsed at epoch": :func:`apart_jax.collapse.collapse_epoch` at its defaults on the
 metrics' PGD-20 accuracies, the first evaluated epoch whose PGD-20 accuracy is below half
-the best PGD-20 accuracy of the evaluated epochs before it; "-" when none is), the training
+the best PGD-20 accuracy of the evaluated epochs before it, that best being at least 10%;
+"-" when none is), the training
 time (the last row's ``train_seconds``), and for the best and for the last epoch (the final
 state: the last evaluated epoch, or the epoch a run reverted to):
 
@@ -44,7 +45,7 @@ from typing import Any
 
 from absl import app, flags
 
-from apart_jax.collapse import collapse_epoch
+from apart_jax.collapse import DEFAULT_MIN_BEST, DEFAULT_RATIO, collapse_epoch
 from apart_jax.config import ConfigError
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 from experiments.runs import distinct_labels, find_attack_report, read_run
@@ -54,7 +55,8 @@ FLAGS = flags.FLAGS
 ATTACKS = (("cw", "C&W"), ("autoattack", "AA"))  # eval json entry, column name
 EPOCH_KINDS = ("best", "last")
 MISSING = "-"
-COLLAPSE_RATIO = 0.5  # the table's definition of collapse, whatever a run's collapse_ratio
+# The table's definition of collapse, whatever a run's collapse_ratio and collapse_min_best.
+COLLAPSE_RATIO, COLLAPSE_MIN_BEST = DEFAULT_RATIO, DEFAULT_MIN_BEST
 NORMS = {"linf": "L-inf", "l2": "L2"}
 
 
@@ -101,11 +103,11 @@ def load_run_summary(workdir: str) -> dict[str, Any]:
       ``attacks`` as :func:`experiments.runs.read_attack_report` returns for C&W and
       AutoAttack, or None when not evaluated. ``label`` is the directory's basename.
       ``collapsed_epoch``: :func:`apart_jax.collapse.collapse_epoch` of the rows' PGD-20
-      accuracies at ratio 0.5 (None: none); ``collapse_action``: the trainer's record of
-      the collapse it detected (its ``collapse_action`` field: "continue", "stop" or
-      "revert"), None if it recorded none; ``ended_by``: "stopped" or "reverted to N" when
-      that ended the run, else None. ``last`` is the final state's epoch: the last row,
-      or for a reverted run the epoch it reverted to.
+      accuracies at its default ratio and floor (None: none); ``collapse_action``: the
+      trainer's record of the collapse it detected (its ``collapse_action`` field:
+      "continue", "stop" or "revert"), None if it recorded none; ``ended_by``: "stopped"
+      or "reverted to N" when that ended the run, else None. ``last`` is the final state's
+      epoch: the last row, or for a reverted run the epoch it reverted to.
 
     Raises:
       ConfigError: :func:`experiments.runs.read_run` or an eval json refuses the directory.
@@ -134,7 +136,7 @@ def load_run_summary(workdir: str) -> dict[str, Any]:
         "epochs": last["epoch"],
         "epochs_planned": config.get("epochs"),
         "collapsed_epoch": collapse_epoch(
-            [(r["epoch"], r["pgd20_acc"]) for r in rows], COLLAPSE_RATIO
+            [(r["epoch"], r["pgd20_acc"]) for r in rows], COLLAPSE_RATIO, COLLAPSE_MIN_BEST
         ),
         "collapse_action": action,
         "ended_by": ended_by,
@@ -281,7 +283,8 @@ def protocol_line(summaries: Sequence[dict[str, Any]]) -> str:
         "PGD-20 accuracy (ties: higher clean accuracy, then the later epoch); last = the final "
         "state (the last evaluated epoch, or the epoch a run reverted to at a collapse); "
         f"collapsed at epoch = the first evaluated epoch whose PGD-20 accuracy is below "
-        f"{COLLAPSE_RATIO:g} x the best PGD-20 accuracy of the evaluated epochs before it "
+        f"{COLLAPSE_RATIO:g} x the best PGD-20 accuracy of the evaluated epochs before it, "
+        f"that best being at least {COLLAPSE_MIN_BEST:.0%} "
         f'(catastrophic overfitting; "{MISSING}" = never).'
     )
 

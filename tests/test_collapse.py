@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -45,10 +47,35 @@ def test_the_threshold_follows_the_best_so_far():
     assert collapse_epoch(pgd) == 4
     collapse = detect_collapse(pgd, 0.5, "revert")
     assert collapse == Collapse(
-        epoch=4, pgd20_acc=0.3, best_epoch=3, best_pgd20_acc=0.75, ratio=0.5, action="revert"
+        epoch=4,
+        pgd20_acc=0.3,
+        best_epoch=3,
+        best_pgd20_acc=0.75,
+        ratio=0.5,
+        min_best=0.1,
+        action="revert",
     )
     # The first collapse counts, not the deepest.
     assert collapse_epoch([(1, 0.5), (2, 0.2), (3, 0.0)]) == 2
+
+
+def test_a_drop_counts_only_from_a_best_at_or_above_the_floor():
+    # FGSM+ seed 1 at 16/255 (the study's ledger, docs/results/fast_at): 8.3% then 3.7%
+    # while it learned, 11.3% at epoch 8; it had not beaten chance (10%) before the drop.
+    fgsm_plus_s1 = [(1, 0.020), (2, 0.083), (3, 0.037), (4, 0.071), (5, 0.029), (6, 0.053)]
+    fgsm_plus_s1 += [(7, 0.084), (8, 0.113), (9, 0.102), (10, 0.106)]
+    assert collapse_epoch(fgsm_plus_s1) is None
+    assert collapse_epoch(fgsm_plus_s1, min_best=0.0) == 3  # the definition without a floor
+    assert detect_collapse(fgsm_plus_s1) is None
+    # The floor is inclusive, and it applies to the best so far, not to the first epoch.
+    assert collapse_epoch([(1, 0.1), (2, 0.049)]) == 2
+    assert collapse_epoch([(1, np.nextafter(0.1, 0.0)), (2, 0.0)]) is None
+    assert collapse_epoch([(1, 0.08), (2, 0.03), (3, 0.2), (4, 0.09)]) == 4
+    assert collapse_epoch([(1, 0.3), (2, 0.2)], min_best=0.5) is None
+    assert detect_collapse([(1, 0.3), (2, 0.1)], min_best=0.25).min_best == 0.25
+    for min_best in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"min_best=.* must be in \[0, 1\)"):
+            collapse_epoch([(1, 0.5)], min_best=min_best)
 
 
 def test_the_first_epoch_never_collapses():
@@ -79,14 +106,14 @@ def test_best_epoch_ties_go_to_higher_clean_then_the_later_epoch():
 
 
 def test_the_log_line():
-    collapse = Collapse(7, 0.031, 4, 0.27, 0.5, "stop")
+    collapse = Collapse(7, 0.031, 4, 0.27, 0.5, 0.1, "stop")
     assert collapse.line() == (
         "catastrophic overfitting at epoch 7: PGD-20 3.1% < 0.5 x best 27.0% (epoch 4); stopped"
     )
-    reverted = Collapse(7, 0.031, 4, 0.27, 0.5, "revert").line()
+    reverted = Collapse(7, 0.031, 4, 0.27, 0.5, 0.1, "revert").line()
     assert reverted.endswith("(epoch 4); reverted to epoch 4")
     assert (
-        Collapse(7, 0.031, 4, 0.27, 0.5, "continue")
+        Collapse(7, 0.031, 4, 0.27, 0.5, 0.1, "continue")
         .line()
         .endswith("; training continues (on_collapse='continue')")
     )
@@ -103,6 +130,8 @@ def test_the_log_line():
         (dict(collapse_ratio=0.0), "collapse_ratio=0.0 must be in (0, 1)"),
         (dict(collapse_ratio=1.0), "collapse_ratio=1.0 must be in (0, 1)"),
         (dict(collapse_ratio=-0.5), "collapse_ratio=-0.5 must be in (0, 1)"),
+        (dict(collapse_min_best=-0.1), "collapse_min_best=-0.1 must be in [0, 1)"),
+        (dict(collapse_min_best=1.0), "collapse_min_best=1.0 must be in [0, 1)"),
         (
             dict(on_collapse="halt"),
             "on_collapse='halt': choose one of ['continue', 'stop', 'revert']",
@@ -121,9 +150,17 @@ def test_invalid_collapse_settings_are_one_line_errors(overrides, message):
 
 def test_defaults_and_resume_rule():
     config = tiny_config()
-    assert (config.collapse_ratio, config.on_collapse) == (0.5, "continue")
+    assert (config.collapse_ratio, config.collapse_min_best, config.on_collapse) == (
+        0.5,
+        0.1,
+        "continue",
+    )
     validate_config(tiny_config(on_collapse="revert", checkpoint=True, collapse_ratio=0.25))
-    assert not {"collapse_ratio", "on_collapse"} & EXECUTION_KEYS
+    validate_config(tiny_config(collapse_min_best=0.0))
+    assert not {"collapse_ratio", "collapse_min_best", "on_collapse"} & EXECUTION_KEYS
+    assert resume_conflicts(tiny_config().to_dict(), tiny_config(collapse_min_best=0.0)) == [
+        "collapse_min_best: 0.1 (saved) != 0.0"
+    ]
     saved = tiny_config(on_collapse="stop").to_dict()
     assert resume_conflicts(saved, tiny_config(on_collapse="stop")) == []
     assert resume_conflicts(saved, tiny_config()) == ["on_collapse: 'stop' (saved) != 'continue'"]
@@ -214,6 +251,7 @@ def test_continue_logs_the_collapse_once_and_trains_to_the_end(tmp_path):
         "collapse_best_epoch": 2,
         "collapse_best_pgd20_acc": 0.5,
         "collapse_ratio": 0.5,
+        "collapse_min_best": 0.1,
     }
     assert (result.collapsed_epoch, result.collapse_action) == (4, "continue")
     assert result.last == rows[-1] and checkpoint_steps(tmp_path) == [6, 8, 10]
@@ -229,7 +267,7 @@ def test_stop_ends_at_the_collapse_epoch_with_its_checkpoint(stopped):
     assert rows[-1]["collapsed_epoch"] == 4 and rows[-1]["collapse_action"] == "stop"
     assert not any("collapsed_epoch" in r for r in rows[:-1])
     assert (result.collapsed_epoch, result.collapse_action) == (4, "stop")
-    assert result.collapse == Collapse(4, 0.125, 2, 0.5, 0.5, "stop")
+    assert result.collapse == Collapse(4, 0.125, 2, 0.5, 0.5, 0.1, "stop")
     assert result.last == rows[-1]
     assert result.checkpoint_path == str(workdir / "checkpoints" / "8")
     assert checkpoint_steps(workdir) == [8]
@@ -243,6 +281,7 @@ def test_stop_ends_at_the_collapse_epoch_with_its_checkpoint(stopped):
         "best_epoch": 2,
         "best_pgd20_acc": 0.5,
         "ratio": 0.5,
+        "min_best": 0.1,
         "action": "stop",
     }
     assert meta["evaluations"] == [[e, CLEAN, PGD[e]] for e in (1, 2, 3, 4)]
@@ -295,6 +334,22 @@ def test_rerunning_a_run_ended_by_a_collapse_trains_no_further(fixture, request)
     assert read_rows(str(workdir / "metrics.jsonl")) == rows
 
 
+def test_a_run_ended_before_the_floor_existed_keeps_its_collapse(stopped, tmp_path):
+    # A checkpoint written before collapse_min_best: neither its config nor its collapse
+    # holds the key. Rerunning it trains no further and reports the collapse found with
+    # no floor (min_best 0), not the default.
+    config, workdir, first, _, _ = stopped
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old)
+    meta_file = old / "checkpoints" / "8" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta["collapse"]["min_best"], meta["config"]["collapse_min_best"]
+    meta_file.write_text(json.dumps(meta))
+    result, evaluation, stderr = scripted_run(config, old)
+    assert evaluation.states == {} and collapse_lines(stderr) == []
+    assert result.collapse == dataclasses.replace(first.collapse, min_best=0.0)
+
+
 def test_a_run_resumed_before_the_collapse_detects_it_from_the_saved_evaluations(tmp_path):
     config = tiny_config(**RUN, on_collapse="stop")
     failed, _, stderr = scripted_run(config, tmp_path, fail_at=4)
@@ -304,7 +359,7 @@ def test_a_run_resumed_before_the_collapse_detects_it_from_the_saved_evaluations
     # The best epoch (2) was evaluated by the first process; the second only sees epoch 4.
     assert result.resumed_from == 6 and sorted(evaluation.states) == [4]
     assert collapse_lines(stderr) == [STOP_LINE + "stopped"]
-    assert result.collapse == Collapse(4, 0.125, 2, 0.5, 0.5, "stop")
+    assert result.collapse == Collapse(4, 0.125, 2, 0.5, 0.5, 0.1, "stop")
     assert [r["epoch"] for r in read_rows(str(tmp_path / "metrics.jsonl"))] == [1, 2, 3, 4]
 
 
