@@ -45,7 +45,9 @@ COLLAPSE_CAPTION = (
 
 def load_ledger(ledger: str) -> list[dict[str, Any]]:
     """Every finished run of the ledger: :func:`experiments.summarize.load_run_summary`
-    plus ``seed``, ``radius`` (eps in 1/255), ``rows`` (metrics) and ``wall`` (seconds)."""
+    plus ``seed``, ``radius`` (eps in 1/255), ``rows`` (metrics), ``wall`` (seconds) and
+    ``retrain`` (the accuracies' differences of a run trained again for its checkpoints,
+    ``{"clean_acc", "pgd20_acc"}``; None when it was not or matched)."""
     runs = []
     for name in sorted(os.listdir(ledger)) if os.path.isdir(ledger) else []:
         workdir = os.path.join(ledger, name)
@@ -59,6 +61,7 @@ def load_ledger(ledger: str) -> list[dict[str, Any]]:
         summary["radius"] = round(summary["eps"] * 255)
         summary["rows"] = read_metrics(workdir)
         summary["wall"] = read_wall(workdir)
+        summary["retrain"] = read_json(os.path.join(workdir, "retrain.json"))
         runs.append(summary)
     return runs
 
@@ -77,13 +80,18 @@ def read_bench(ledger: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def read_wall(workdir: str) -> dict[str, float]:
-    """A ledger run's wall.json: seconds per stage ("train", "attack"); {} if absent."""
-    path = os.path.join(workdir, "wall.json")
+def read_json(path: str) -> Any:
+    """The JSON in ``path``; None if there is no such file."""
     if not os.path.exists(path):
-        return {}
+        return None
     with open(path) as f:
         return json.load(f)
+
+
+def read_wall(workdir: str) -> dict[str, float]:
+    """A ledger run's wall.json: seconds per stage ("train", "retrain", "attack"); {} if
+    absent."""
+    return read_json(os.path.join(workdir, "wall.json")) or {}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -217,13 +225,31 @@ def psi_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def runtime_line(runs: Sequence[dict[str, Any]]) -> str:
-    """The study's total wall time so far, split into training and AutoAttack."""
-    train = sum(r["wall"].get("train", 0.0) for r in runs)
-    attack = sum(r["wall"].get("attack", 0.0) for r in runs)
+    """The study's total wall time so far, split into training, training again (runs whose
+    checkpoints were gone before their AutoAttack) and AutoAttack."""
+    train, retrain, attack = (
+        sum(r["wall"].get(key, 0.0) for r in runs) for key in ("train", "retrain", "attack")
+    )
+    again = f"{format_duration(retrain)} training again for checkpoints, " if retrain else ""
     return (
-        f"Wall time of the {len(runs)} runs so far: {format_duration(train + attack)} "
-        f"({format_duration(train)} training with its per-epoch evaluation, "
-        f"{format_duration(attack)} AutoAttack), on the machine each ran on."
+        f"Wall time of the {len(runs)} runs so far: "
+        f"{format_duration(train + retrain + attack)} ({format_duration(train)} training "
+        f"with its per-epoch evaluation, {again}{format_duration(attack)} AutoAttack), on the "
+        "machine each ran on."
+    )
+
+
+def retrain_note(runs: Sequence[dict[str, Any]]) -> str:
+    """A sentence naming the runs whose AutoAttack is of a model trained again that did not
+    repeat the ledger's accuracies, and by how much; "" when there are none."""
+    differing = [r for r in runs if r["retrain"]]
+    if not differing:
+        return ""
+    worst = max(100 * r["retrain"]["pgd20_acc"] for r in differing)
+    return (
+        f"The AutoAttack accuracies of {', '.join(r['label'] for r in differing)} are of a "
+        "model trained again for its checkpoints whose per-epoch accuracies differ from the "
+        f"table's record by up to {worst:.1f} points of PGD-20 (retrain.json in the ledger)."
     )
 
 
@@ -337,6 +363,8 @@ def section(
         parts += ["", "APART's psi at the end of training (mean over seeds):", "", psi_table(psi)]
         parts += ["", f"![APART's psi over training]({figures}/psi.png)"]
     parts += ["", runtime_line(runs)]
+    if retrain_note(runs):
+        parts += ["", retrain_note(runs)]
     return "\n".join(parts)
 
 

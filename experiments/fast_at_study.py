@@ -14,7 +14,11 @@ order so that every method has its first seed before any has its second. Stages:
 2. **attack**: AutoAttack (``experiments.evaluate --suite=autoattack``) on the first
    ``--aa_points`` test images at the best and the last epoch of every ledger run; its
    reports go into the ledger too. A run whose checkpoints are gone is trained again
-   first (training is deterministic: the same checkpoints come back).
+   first, into RUNS/LABEL (a finished directory lacking them is set aside as
+   RUNS/LABEL.incomplete first). The ledger keeps the original record; the retraining's
+   wall time is counted apart (``retrain`` in ``wall.json``), and where the retrained run's
+   per-epoch accuracies differ from the ledger's (training on another machine, or another
+   jax, need not repeat them bit for bit) a warning and ``retrain.json`` say by how much.
 3. **bench**: unless the ledger holds ``bench_speed.json``, ``experiments.bench_speed``
    times every method's training step side by side in one run, at the study's width and
    batch; the report's one-machine training time (steps x step time) comes from it, since
@@ -37,6 +41,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from absl import app, flags
 
@@ -49,6 +54,7 @@ from experiments.summarize import best_row
 FLAGS = flags.FLAGS
 CONFIG = "experiments/configs/fast_at.py"
 WALL_FILE = "wall.json"
+RETRAIN_FILE = "retrain.json"
 LEDGER_FILES = ("config.json", "metrics.jsonl")
 STAGES = ("train", "attack", "bench", "report")
 
@@ -120,26 +126,70 @@ def add_wall(ledger_dir: str, key: str, seconds: float) -> None:
         json.dump(wall, f, indent=1)
 
 
+def train_command(label: str, npz: str, workdir: str) -> list[str]:
+    """The ``experiments.train`` arguments that train (or resume) run ``label``."""
+    preset, seed = parse_label(label)
+    return [
+        "experiments.train",
+        f"--config={CONFIG}:{preset}",
+        f"--config.npz_path={npz}",
+        f"--config.seed={seed}",
+        "--config.progress=False",
+        f"--workdir={workdir}",
+    ]
+
+
 def train(label: str, npz: str, runs: str, ledger: str) -> None:
     """Trains (or resumes) run ``label`` and copies its record into the ledger."""
-    preset, seed = parse_label(label)
     workdir, ledger_dir = os.path.join(runs, label), os.path.join(ledger, label)
     print(f"-- training {label}", flush=True)
-    seconds = run_command(
-        [
-            "experiments.train",
-            f"--config={CONFIG}:{preset}",
-            f"--config.npz_path={npz}",
-            f"--config.seed={seed}",
-            "--config.progress=False",
-            f"--workdir={workdir}",
-        ],
-        os.path.join(runs, f"{label}.log"),
-    )
+    seconds = run_command(train_command(label, npz, workdir), os.path.join(runs, f"{label}.log"))
     os.makedirs(ledger_dir, exist_ok=True)
     for name in LEDGER_FILES:
         shutil.copy(os.path.join(workdir, name), ledger_dir)
     add_wall(ledger_dir, "train", seconds)
+
+
+def accuracy_differences(
+    recorded: Sequence[dict[str, Any]], retrained: Sequence[dict[str, Any]]
+) -> dict[str, float]:
+    """The largest absolute difference, over the epochs of ``recorded`` (metrics rows), of
+    each accuracy (``clean_acc``, ``pgd20_acc``; in [0, 1]) from ``retrained``'s same
+    epoch; an epoch ``retrained`` lacks counts as a difference of 1."""
+    by_epoch = {row["epoch"]: row for row in retrained}
+    return {
+        key: max(
+            abs(row[key] - by_epoch[row["epoch"]][key]) if row["epoch"] in by_epoch else 1.0
+            for row in recorded
+        )
+        for key in ("clean_acc", "pgd20_acc")
+    }
+
+
+def retrain(label: str, npz: str, runs: str, ledger: str) -> None:
+    """Trains ledger run ``label`` again into RUNS/LABEL for its checkpoints, keeping the
+    ledger's record: the wall time goes to ``retrain``, and the accuracies' differences
+    from the ledger's, if any, to a warning and LEDGER/LABEL/retrain.json."""
+    workdir, ledger_dir = os.path.join(runs, label), os.path.join(ledger, label)
+    if os.path.isdir(workdir) and is_finished(workdir):
+        aside = f"{workdir}.incomplete"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(workdir, aside)
+        print(f"-- {workdir} is finished without the checkpoints to attack; moved to {aside}")
+    print(f"-- training {label} again for its checkpoints", flush=True)
+    seconds = run_command(train_command(label, npz, workdir), os.path.join(runs, f"{label}.log"))
+    add_wall(ledger_dir, "retrain", seconds)
+    differences = accuracy_differences(read_metrics(ledger_dir), read_metrics(workdir))
+    if any(differences.values()):
+        with open(os.path.join(ledger_dir, RETRAIN_FILE), "w") as f:
+            json.dump(differences, f, indent=1)
+        print(
+            f"warning: {label} trained again differs from its ledger record by up to "
+            f"{100 * differences['clean_acc']:.1f} points of clean and "
+            f"{100 * differences['pgd20_acc']:.1f} of PGD-20 accuracy; its AutoAttack "
+            "reports are of the retrained model",
+            flush=True,
+        )
 
 
 def attack_steps(ledger_dir: str) -> list[int]:
@@ -158,7 +208,7 @@ def attack(label: str, npz: str, runs: str, ledger: str, points: int) -> None:
     if not missing:
         return
     if not all(os.path.isdir(os.path.join(workdir, "checkpoints", str(s))) for s in missing):
-        train(label, npz, runs, ledger)
+        retrain(label, npz, runs, ledger)
     for step in missing:
         print(f"-- AutoAttack on {label}, step {step}", flush=True)
         seconds = run_command(

@@ -17,6 +17,8 @@ from experiments.fast_at_report import (
     psi_rows,
     read_bench,
     results_table,
+    retrain_note,
+    runtime_line,
     write_report,
 )
 from tests.test_summarize import STEPS_PER_EPOCH, config, write_eval, write_run
@@ -150,6 +152,82 @@ def test_the_attack_stage_evaluates_missing_epochs_once_and_copies_the_reports(
     assert run["best"]["epoch"] == 2 and autoattack_accuracy(run["best"]) == 0.2
     assert run["last"]["epoch"] == 3 and autoattack_accuracy(run["last"]) == 0.2
     assert run["wall"] == {"attack": 60.0}
+
+
+def test_accuracy_differences_are_the_largest_per_epoch_gaps():
+    recorded = [
+        dict(epoch=1, clean_acc=0.5, pgd20_acc=0.25),
+        dict(epoch=2, clean_acc=0.5, pgd20_acc=0.125),
+    ]
+    assert fast_at_study.accuracy_differences(recorded, recorded) == {
+        "clean_acc": 0.0,
+        "pgd20_acc": 0.0,
+    }
+    retrained = [
+        dict(epoch=1, clean_acc=0.375, pgd20_acc=0.25),
+        dict(epoch=2, clean_acc=0.5, pgd20_acc=0.25),
+    ]
+    assert fast_at_study.accuracy_differences(recorded, retrained) == {
+        "clean_acc": 0.125,
+        "pgd20_acc": 0.125,
+    }
+    assert fast_at_study.accuracy_differences(recorded, retrained[:1]) == {
+        "clean_acc": 1.0,
+        "pgd20_acc": 1.0,
+    }
+
+
+@pytest.mark.parametrize("repeats", [True, False])
+def test_the_attack_stage_trains_a_run_again_when_its_checkpoints_are_gone(
+    tmp_path, monkeypatch, repeats
+):
+    """The run directory is finished but lacks the best epoch's checkpoint: it is set aside,
+    the run trained again (wall time under "retrain"), then attacked; the ledger keeps its
+    record, and a retrained run that does not repeat its accuracies is reported."""
+    ledger, runs = tmp_path / "ledger", tmp_path / "runs"
+    pgd = [0.2, 0.3, 0.1]
+    ledger_run(ledger, "fgsm_rs", 16, 0, pgd)
+    recorded = (ledger / "fgsm_rs16_s0" / "metrics.jsonl").read_text()
+    stale = ledger_run(runs, "fgsm_rs", 16, 0, pgd)  # finished, with only the last checkpoint
+    (stale / "checkpoints" / str(3 * STEPS_PER_EPOCH)).mkdir(parents=True)
+    commands = []
+
+    def command(args, log_path):
+        commands.append(args[0])
+        workdir = runs / "fgsm_rs16_s0"
+        if args[0] == "experiments.train":
+            assert not workdir.exists()  # the stale directory was set aside
+            ledger_run(runs, "fgsm_rs", 16, 0, pgd if repeats else [0.2, 0.25, 0.1])
+            for epoch in (1, 2, 3):
+                (workdir / "checkpoints" / str(epoch * STEPS_PER_EPOCH)).mkdir(parents=True)
+            return 100.0
+        step = int(next(a for a in args if a.startswith("--step=")).split("=")[1])
+        name = "eval.json" if step == 3 * STEPS_PER_EPOCH else f"eval_step{step}.json"
+        write_eval(workdir, name, step, 0.4, {"autoattack": 0.2}, num_points=500)
+        return 30.0
+
+    monkeypatch.setattr(fast_at_study, "run_command", command)
+    fast_at_study.attack("fgsm_rs16_s0", "data.npz", str(runs), str(ledger), 500)
+    assert commands == ["experiments.train", "experiments.evaluate", "experiments.evaluate"]
+    assert (runs / "fgsm_rs16_s0.incomplete" / "checkpoints" / "120").is_dir()
+    assert (ledger / "fgsm_rs16_s0" / "metrics.jsonl").read_text() == recorded
+    (run,) = load_ledger(ledger)
+    assert run["wall"] == {"retrain": 100.0, "attack": 60.0}
+    assert runtime_line([run]) == (
+        "Wall time of the 1 runs so far: 2.7 min (0 s training with its per-epoch evaluation, "
+        "1.7 min training again for checkpoints, 1.0 min AutoAttack), on the machine each ran on."
+    )
+    if repeats:
+        assert run["retrain"] is None and retrain_note([run]) == ""
+    else:
+        assert run["retrain"] == {
+            "clean_acc": pytest.approx(0.05),
+            "pgd20_acc": pytest.approx(0.05),
+        }
+        assert retrain_note([run]).startswith(
+            "The AutoAttack accuracies of fgsm_rs16_s0 are of a model trained again"
+        )
+        assert "by up to 5.0 points of PGD-20" in retrain_note([run])
 
 
 def bench_json(step_seconds):
