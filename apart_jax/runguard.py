@@ -115,7 +115,14 @@ class PeerWatch:
     with an error, the thread prints one line to stderr and exits the process with status 1:
     its collectives would otherwise wait forever for the lost process. Leaving the ``with``
     block records how this process left (finished, stopped by a signal, failed), so that a
-    process that finished first is not taken for dead.
+    process that finished first is not taken for dead. A process that ends the others'
+    watch records itself as failed first, so that a third process stops too.
+
+    A process that leaves with an error keeps watching until every other process has left
+    as well, or for at most ``timeout`` plus two beats: a collective fails at once when the
+    connection to a killed process is reset (gloo's "Connection reset by peer"), before
+    that process has missed its heartbeats, and the watch then ends this process with the
+    lost-process line instead of the collective's error.
 
     Does nothing in a single-process run. If process 0 itself dies, JAX's coordination
     service goes with it and JAX ends the other processes at once (its own ``F... Terminating
@@ -129,6 +136,7 @@ class PeerWatch:
         self.interval = max(1.0, timeout / 10)
         self._prefix = f"apart_jax/peers/{next(self._runs)}/"
         self._stopped = threading.Event()
+        self._settling = threading.Event()  # this process failed: wait for the others
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeerWatch:
@@ -143,8 +151,6 @@ class PeerWatch:
     def __exit__(self, exc_type, exc, traceback) -> None:
         if self._thread is None:
             return
-        self._stopped.set()
-        self._thread.join()
         if exc_type is None:
             left = "finished"
         elif issubclass(exc_type, TrainingInterrupted):
@@ -152,7 +158,15 @@ class PeerWatch:
         else:
             reason = (str(exc).strip().splitlines() or [""])[0][:150]
             left = f"failed ({exc_type.__name__}: {reason})"
-        self._client.key_value_set(self._prefix + f"left/{jax.process_index()}", left)
+        self._client.key_value_set(self._left_key(jax.process_index()), left)
+        if exc_type is not None and not issubclass(exc_type, TrainingInterrupted):
+            self._settling.set()
+            self._thread.join(self.timeout + 2 * self.interval)
+        self._stopped.set()
+        self._thread.join()
+
+    def _left_key(self, process: int) -> str:
+        return self._prefix + f"left/{process}"
 
     def _watch(self) -> None:
         me, beat = jax.process_index(), 0
@@ -166,11 +180,14 @@ class PeerWatch:
                 )
                 entries = dict(self._client.key_value_dir_get(self._prefix))
             except Exception as error:  # the coordination service itself is gone
-                self._lost(f"lost JAX's coordination service (process 0): {error}")
+                self._lost(f"lost JAX's coordination service (process 0): {error}", tell=False)
             now = time.monotonic()
+            gone = {p: entries.get(self._left_key(p)) for p in others}
+            if self._settling.is_set() and None not in gone.values():
+                return
             for p in others:
-                left = entries.get(self._prefix + f"left/{p}")
-                if left is not None and left.startswith("failed"):
+                left = gone[p]
+                if left is not None and left.startswith("failed") and not self._settling.is_set():
                     self._lost(f"process {p} of this run {left}")
                 if left is not None:
                     continue
@@ -183,7 +200,10 @@ class PeerWatch:
                         "(killed, or its host lost)"
                     )
 
-    def _lost(self, what: str) -> None:
+    def _lost(self, what: str, tell: bool = True) -> None:
+        if tell:  # the others learn it (through the service, which ``tell=False`` lost)
+            with contextlib.suppress(Exception):
+                self._client.key_value_set(self._left_key(jax.process_index()), f"failed ({what})")
         print(
             f"error: {what}; stopping process {jax.process_index()} too. Start every process "
             "again with the same command to resume from the newest complete checkpoint.",

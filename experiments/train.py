@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 import threading
+import traceback
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -59,6 +62,34 @@ def main(argv: list[str]) -> None:
             heartbeat_timeout_seconds=round(2 * FLAGS.config.peer_timeout),
         )
     # Imported after joining the runtime: nothing may touch a JAX backend before that.
+    import jax
+
+    try:
+        train_and_report()
+    except SystemExit as stop:
+        if jax.process_count() > 1 and stop.code in (1, 2):
+            leave_at_once(stop.code)
+        raise
+    except Exception:
+        if jax.process_count() > 1:
+            traceback.print_exc()
+            leave_at_once(1)
+        raise
+
+
+def leave_at_once(code: int) -> NoReturn:
+    """Ends a failed process of a multi-process run with exit status ``code``, skipping the
+    exit handlers: JAX's would wait at its shutdown barrier for the processes that
+    ``PeerWatch`` has already ended, then abort with a stack trace once their heartbeats
+    time out. Everything the run wrote is closed by then (its ``with`` blocks have left)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def train_and_report() -> None:
+    """Trains the run of the flags, ending failures with one line (the module docstring's
+    exit statuses); process 0 prints the result."""
     import jax
 
     from apart_jax.checkpoint import CheckpointRestoreError, CheckpointSaveError

@@ -182,6 +182,38 @@ TRAIN_COMMAND = [
 ]
 
 
+def start_two_processes(train: list[str], workdir) -> list[subprocess.Popen]:
+    """The command ``python *train`` as process 0 and 1 of one run (2 CPU devices each)."""
+    address = f"localhost:{free_port()}"
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                *train,
+                f"--workdir={workdir}",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=module_env(devices=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def finish_two_processes(train: list[str], workdir) -> list[str]:
+    """Runs ``train`` as 2 processes to the end; asserts both succeeded, returns their stdouts."""
+    processes = start_two_processes(train, workdir)
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]
+
+
 def wait_for(condition, process, seconds=300):
     """Polls ``condition()`` every 10 ms while ``process`` runs; fails if it ends first."""
     deadline = time.monotonic() + seconds

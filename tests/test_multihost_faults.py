@@ -7,14 +7,19 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import ROOT, assert_same_run, checkpoint_steps, free_port, module_env, wait_for
+from conftest import (
+    assert_same_run,
+    checkpoint_steps,
+    finish_two_processes,
+    start_two_processes,
+    wait_for,
+)
 
 from apart_jax.config import read_run_config
+from apart_jax.runguard import workdir_lock
 
 pytestmark = pytest.mark.slow  # two training processes per run, in subprocesses
 
@@ -40,38 +45,6 @@ TRAIN = [
 TOTAL_STEPS = 60
 
 
-def start_two_processes(workdir) -> list[subprocess.Popen]:
-    """The training command as process 0 and 1 of one run (2 CPU devices each)."""
-    address = f"localhost:{free_port()}"
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                *TRAIN,
-                f"--workdir={workdir}",
-                f"--coordinator_address={address}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=ROOT,
-            env=module_env(devices=2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-
-
-def finish_two_processes(workdir) -> str:
-    """Runs both processes to the end; returns process 0's stdout."""
-    processes = start_two_processes(workdir)
-    outputs = [p.communicate(timeout=600) for p in processes]
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-3000:]
-    return outputs[0][0]
-
-
 GLOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d")  # JAX's C++ log, e.g. "W1202 17:38:42..."
 
 
@@ -85,8 +58,14 @@ def last_line(text: str) -> str:
 def uninterrupted(tmp_path_factory):
     """The 2-process run, never interrupted."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    finish_two_processes(workdir)
+    finish_two_processes(TRAIN, workdir)
     return workdir
+
+
+def without_module_list(stderr: str) -> str:
+    """``stderr`` without the list of extension modules that Python's fatal-error report ends
+    with (it would fill an assertion message and hide the cause printed above it)."""
+    return stderr.split("\nExtension modules:")[0]
 
 
 def when_past_checkpoint(workdir, processes, step: int = 10) -> None:
@@ -124,13 +103,13 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(uninterrupted, tm
     """Only process 1 is signalled: JAX's preemption notice reaches process 0 too, both stop
     after the agreed step and save one checkpoint together."""
     workdir = tmp_path / "run"
-    processes = start_two_processes(workdir)
+    processes = start_two_processes(TRAIN, workdir)
     when_past_checkpoint(workdir, processes)
     processes[1].send_signal(signal.SIGTERM)
     elapsed, errs = exits_within(processes, 60)
     step = assert_agreed_stop(workdir, processes, elapsed, errs)
     # Rerunning both processes resumes from N to the uninterrupted run's weights and metrics.
-    assert f"resumed from step {step}" in finish_two_processes(workdir)
+    assert f"resumed from step {step}" in finish_two_processes(TRAIN, workdir)[0]
     assert_same_run(workdir, uninterrupted, read_run_config(str(workdir)))
 
 
@@ -139,7 +118,7 @@ def test_sigterm_to_both_at_different_steps_stops_both_after_the_same_step(tmp_p
     signalled at the same instant). Resuming from the agreed checkpoint is the previous
     test's path, so it is not run again."""
     workdir = tmp_path / "run"
-    processes = start_two_processes(workdir)
+    processes = start_two_processes(TRAIN, workdir)
     when_past_checkpoint(workdir, processes)
     processes[0].send_signal(signal.SIGTERM)
     time.sleep(0.6)
@@ -154,12 +133,12 @@ def test_kill_9_of_process_1_ends_process_0_with_one_line(uninterrupted, tmp_pat
     waiting in a collective forever; rerunning both resumes from the newest complete
     checkpoint to the uninterrupted result."""
     workdir = tmp_path / "run"
-    processes = start_two_processes(workdir)
+    processes = start_two_processes(TRAIN, workdir)
     when_past_checkpoint(workdir, processes)
     processes[1].kill()
     elapsed, errs = exits_within(processes, 120)
     assert processes[1].returncode == -signal.SIGKILL
-    assert processes[0].returncode == 1, errs[0][-3000:]
+    assert processes[0].returncode == 1, (elapsed, without_module_list(errs[0])[-3000:])
     assert PEER_TIMEOUT - 1 <= elapsed < PEER_TIMEOUT + 10  # the last beat seen: up to 1 s before
     assert re.fullmatch(
         r"error: process 1 of this run has not responded for \d+ s \(killed, or its host "
@@ -169,15 +148,37 @@ def test_kill_9_of_process_1_ends_process_0_with_one_line(uninterrupted, tmp_pat
     ), errs[0][-2000:]
     print(f"survivor exited {elapsed:.1f} s after kill -9")
     newest = checkpoint_steps(workdir)[-1]
-    assert f"resumed from step {newest}" in finish_two_processes(workdir)
+    assert f"resumed from step {newest}" in finish_two_processes(TRAIN, workdir)[0]
     assert_same_run(workdir, uninterrupted, read_run_config(str(workdir)))
+
+
+def test_a_refused_process_0_ends_both_at_once_with_their_lines(tmp_path):
+    """Process 0 cannot take the workdir's lock (another run holds it) after both joined the
+    runtime: it reports the refusal, process 1 the failure of process 0, both at once. JAX's
+    exit handler would keep process 0 at its shutdown barrier, waiting for process 1 that
+    has already left, until an abort with a stack trace (2 x PEER_TIMEOUT later)."""
+    workdir = tmp_path / "run"
+    with workdir_lock(str(workdir)):
+        processes = start_two_processes(TRAIN, workdir)
+        start = time.monotonic()
+        outputs = [p.communicate(timeout=120)[1] for p in processes]
+    print(f"both exited {time.monotonic() - start:.1f} s after starting")
+    assert [p.returncode for p in processes] == [2, 1], [e[-2000:] for e in outputs]
+    in_use = f"{workdir} is in use by another training run"
+    assert last_line(outputs[0]).startswith(f"error: {in_use}")
+    assert re.fullmatch(
+        rf"error: process 0 of this run failed \(ConfigError: {re.escape(in_use)}.*\); "
+        r"stopping process 1 too\. Start every process again .*",
+        last_line(outputs[1]),
+    ), outputs[1][-2000:]
+    assert not list((workdir / "checkpoints").glob("[0-9]*"))  # nothing written
 
 
 def test_kill_9_of_process_0_ends_process_1_at_once(tmp_path):
     """Process 0 hosts JAX's coordination service: without it JAX itself ends the others at
     once (its own fatal message, not our line)."""
     workdir = tmp_path / "run"
-    processes = start_two_processes(workdir)
+    processes = start_two_processes(TRAIN, workdir)
     when_past_checkpoint(workdir, processes)
     processes[0].kill()
     elapsed, errs = exits_within(processes, 120)

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, free_port, module_env, tiny_config
+from conftest import ROOT, finish_two_processes, module_env, tiny_config
 
 from apart_jax.checkpoint import restore_checkpoint
 from apart_jax.logbook import read_rows
@@ -88,33 +88,6 @@ TRAIN = [
 ]
 
 
-def train_two_processes(workdir) -> list[str]:
-    """Runs the training command as 2 processes x 2 CPU devices; returns their stdouts."""
-    address = f"localhost:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                *TRAIN,
-                f"--workdir={workdir}",
-                f"--coordinator_address={address}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=ROOT,
-            env=module_env(devices=2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [proc.communicate(timeout=600) for proc in procs]
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err
-    return [out for out, _ in outputs]
-
-
 def test_two_processes_match_one_process(tmp_path):
     """Resuming a 2-process run is tested with its faults (tests/test_multihost_faults.py)."""
     # One after the other: three JAX processes at once on a loaded 2-core machine (pytest-xdist
@@ -129,7 +102,7 @@ def test_two_processes_match_one_process(tmp_path):
         timeout=600,
     )
     assert four.returncode == 0, four.stderr
-    two_out = train_two_processes(tmp_path / "two")
+    two_out = finish_two_processes(TRAIN, tmp_path / "two")
     assert "APART: clean" in two_out[0] and "APART" not in two_out[1]  # process 0 reports
     rows_four = read_rows(str(tmp_path / "four" / "metrics.jsonl"))
     rows_two = read_rows(str(tmp_path / "two" / "metrics.jsonl"))
