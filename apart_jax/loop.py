@@ -16,9 +16,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from apart_jax.checkpoint import RunCheckpoints, checkpoint_meta, restore_run_state
+from apart_jax.checkpoint import RunCheckpoints, checkpoint_meta
 from apart_jax.collapse import Collapse, best_epoch, detect_collapse
 from apart_jax.health import StepHealth, check_health
+from apart_jax.restore import restore_run_state
 from apart_jax.run import Run
 from apart_jax.runguard import StopRequest, TrainingInterrupted
 from apart_jax.state import EpochTotals, TrainState

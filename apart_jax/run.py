@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from apart_jax.checkpoint import open_checkpoints, restore_inference, saved_step
 from apart_jax.config import (
     REFERENCE_PSI_STEPS,
     ConfigError,
@@ -30,6 +29,7 @@ from apart_jax.methods import OMEGA_DTYPES, Method, init_omega, init_psi, method
 from apart_jax.models import PSI, cast_variables, create_model, init_variables, storage_dtype
 from apart_jax.optim import cyclic_sgd
 from apart_jax.parallel import data_mesh, padded_rows, replicated
+from apart_jax.restore import open_checkpoints, restore_inference, saved_step
 from apart_jax.state import StepContext, TrainState
 from apart_jax.step import (
     INIT_STREAM,

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from apart_jax.checkpoint import RunCheckpoints, restore_resume_point
+from apart_jax.checkpoint import RunCheckpoints
 from apart_jax.collapse import Collapse
 from apart_jax.config import CONFIG_FILE
 from apart_jax.data import Dataset, DeviceData
@@ -54,6 +54,7 @@ from apart_jax.loop import (
 from apart_jax.methods import Method
 from apart_jax.parallel import replicated
 from apart_jax.progress import progress_bar
+from apart_jax.restore import restore_resume_point
 from apart_jax.run import Run, setup_run
 from apart_jax.runguard import PeerWatch, StopRequest, workdir_lock
 from apart_jax.state import EpochTotals, TrainState, zero_totals

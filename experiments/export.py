@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from apart_jax.checkpoint import open_checkpoints
 from apart_jax.config import ConfigError
 from apart_jax.interop import Architecture, export_state_dict, exported_architecture
 from apart_jax.interop.torch_layout import robustbench_compatible
+from apart_jax.restore import open_checkpoints
 from experiments.cli import parse_flags_or_exit, quiet_logging, run_or_exit
 from experiments.evaluate import epoch_of, load_run
 from experiments.runs import find_attack_report, read_json, read_run

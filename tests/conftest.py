@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from apart_jax.checkpoint import restore_checkpoint
 from apart_jax.config import default_config
 from apart_jax.data import load_digits
 from apart_jax.logbook import read_rows
+from apart_jax.restore import restore_checkpoint
 from apart_jax.run import setup_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,10 +18,11 @@ from conftest import (
 )
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from apart_jax.checkpoint import RunCheckpoints, restore_checkpoint
+from apart_jax.checkpoint import RunCheckpoints
 from apart_jax.config import ConfigError
 from apart_jax.data import DatasetError, load_digits
 from apart_jax.logbook import read_rows
+from apart_jax.restore import restore_checkpoint
 from apart_jax.run import load_model, run_test_split, setup_run
 from apart_jax.runguard import workdir_lock
 from apart_jax.state import TrainState

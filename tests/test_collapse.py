@@ -17,10 +17,11 @@ import pytest
 from conftest import checkpoint_steps, host_leaves, tiny_config
 
 from apart_jax import trainer
-from apart_jax.checkpoint import RunCheckpoints, restore_checkpoint
+from apart_jax.checkpoint import RunCheckpoints
 from apart_jax.collapse import Collapse, best_epoch, collapse_epoch, detect_collapse
 from apart_jax.config import EXECUTION_KEYS, ConfigError, resume_conflicts, validate_config
 from apart_jax.logbook import read_rows
+from apart_jax.restore import restore_checkpoint
 from apart_jax.run import load_model, setup_run
 from apart_jax.trainer import train_and_evaluate
 from experiments.summarize import format_table, load_run_summary, write_csv

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, finish_two_processes, module_env, tiny_config
 
-from apart_jax.checkpoint import restore_checkpoint
 from apart_jax.logbook import read_rows
+from apart_jax.restore import restore_checkpoint
 from apart_jax.run import setup_run
 from apart_jax.trainer import train_and_evaluate
 
@@ -25,7 +25,7 @@ import json, sys
 sys.path.insert(0, "tests")
 import jax
 from conftest import tiny_config
-from apart_jax.checkpoint import restore_checkpoint
+from apart_jax.restore import restore_checkpoint
 from apart_jax.run import setup_run
 from apart_jax.trainer import train_and_evaluate
 

@@ -32,10 +32,10 @@ from conftest import (
     write_npz,
 )
 
-from apart_jax.checkpoint import restore_checkpoint
 from apart_jax.config import ConfigError
 from apart_jax.data import DatasetError
 from apart_jax.logbook import read_rows
+from apart_jax.restore import restore_checkpoint
 from apart_jax.run import setup_run
 from apart_jax.trainer import train_and_evaluate
 

@@ -10,10 +10,10 @@ import pytest
 from conftest import run_module, tiny_config, write_npz
 
 from apart_jax.attacks import AUTOATTACK, make_attack, measure_passes, run_suite
-from apart_jax.checkpoint import restore_checkpoint
 from apart_jax.config import ConfigError
 from apart_jax.data import DatasetError
 from apart_jax.models import create_model
+from apart_jax.restore import restore_checkpoint
 from apart_jax.run import TrainedModel, setup_run
 from apart_jax.trainer import train_and_evaluate
 from experiments.evaluate import attack_points

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_module, tiny_config
 
-from apart_jax.checkpoint import restore_checkpoint
 from apart_jax.config import ConfigError
 from apart_jax.logbook import read_rows
+from apart_jax.restore import restore_checkpoint
 from apart_jax.run import setup_run
 from apart_jax.trainer import train_and_evaluate
 
