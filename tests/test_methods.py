@@ -133,6 +133,26 @@ def test_fgsm_plus_equals_apart_with_the_layer_noise_off(digits):
     assert trees_differ(apart_on.params, plus_state.params, atol=1e-5)
 
 
+def test_learned_steps_below_both_radii_train_the_same_at_both(digits):
+    """eps enters APART (and FGSM+, APART without layer noise) only as the clip of the input
+    perturbation: while |delta| <= alpha + alpha_omega stays below 8/255 the runs at 8/255
+    and 16/255 take the same steps (the fast-AT study's runs at both radii, docs/results.md)."""
+    runs = [build(digits, "apart", eps=eps) for eps in (EPS, 2 * EPS)]
+    ends = {}
+    for alpha in (EPS / 3, 1.5 * EPS):  # below 8/255 with alpha_omega; above it
+        for run in runs:
+            psi = set_psi(run.state.psi, alpha, EPS / 6, 0.01)
+            state, step = with_optimizers(run, psi=psi, weight_tx=SGD)
+            for seed in (0, 1):  # two steps, so that momentum and Omega's update take part
+                state, _ = step.on_batch(state, run.data, fixed_batch(seed=seed))
+            ends[alpha, run.config.eps] = jax.device_get(state)
+    for field in ("params", "batch_stats", "psi", "omega"):
+        below = [getattr(ends[EPS / 3, eps], field) for eps in (EPS, 2 * EPS)]
+        assert_trees_close(*below, rtol=0, atol=0)
+    above = [ends[1.5 * EPS, eps].params for eps in (EPS, 2 * EPS)]
+    assert trees_differ(*above, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # A reference APART step written independently from its description in docs/algorithm.md#apart,
 # with NumPy crops and a hand-written PyTorch SGD, to check the library's step against it.
