@@ -39,7 +39,8 @@ COLLAPSE_CAPTION = (
     f"{COLLAPSE_RATIO:g} x the best PGD-20 accuracy of the epochs before it, that best "
     f"being at least {COLLAPSE_MIN_BEST:.0%} (chance level: a run has no robustness to "
     "lose before it beats a constant classifier) (apart_jax/collapse.py, the trainer's "
-    "`on_collapse` probe)."
+    "`on_collapse` probe). A run **never robust** stayed below that floor at every epoch: "
+    "it had nothing to collapse from, the other way FGSM fails."
 )
 
 
@@ -138,6 +139,7 @@ def group_runs(
                 "seeds": sorted(r["seed"] for r in members),
                 "collapsed": sum(r["collapsed_epoch"] is not None for r in members),
                 "collapse_epochs": [r["collapsed_epoch"] for r in members],
+                "never_robust": sum(r["best"]["pgd20_acc"] < COLLAPSE_MIN_BEST for r in members),
                 "train_seconds": mean_std([r["train_seconds"] for r in members])[0],
                 "bench_seconds": (
                     members[0]["rows"][-1]["step"] * step_seconds[members[0]["bench_name"]]
@@ -168,6 +170,8 @@ def results_table(groups: Sequence[dict[str, Any]]) -> str:
     for g in groups:
         epochs = ", ".join(str(e) for e in g["collapse_epochs"] if e is not None)
         collapsed = f"{g['collapsed']}/{len(g['seeds'])}" + (f" (ep. {epochs})" if epochs else "")
+        if g["never_robust"]:
+            collapsed += f"; {g['never_robust']} never robust"
         lines.append(
             f"| {g['method']} | {g['radius']}/255 | {g['passes']} | {len(g['seeds'])} "
             f"| {collapsed} | {format_duration(g['train_seconds'])} "

@@ -72,6 +72,16 @@ def test_statistics_over_seeds_and_collapse_counts(tmp_path):
     assert nfgsm["best_aa"] == [0.31] and nfgsm["last_aa"] == [] and nfgsm["aa_points"] == 500
     assert format_mean_std(nfgsm["best_aa"]) == "31.0" and format_mean_std([]) == "-"
     assert list(groups) == [("N-FGSM", 8), ("FGSM-RS", 16)]  # by eps, then appearance
+    assert rs["never_robust"] == nfgsm["never_robust"] == 0
+
+
+def test_a_run_never_above_the_floor_is_never_robust_not_collapsed(tmp_path):
+    # FGSM at 16/255: best 9.9% (below the 10% floor), then 0: no collapse, never robust.
+    ledger_run(tmp_path, "fgsm", 16, 0, [0.099, 0.0, 0.0])
+    ledger_run(tmp_path, "fgsm", 16, 1, [0.1, 0.3, 0.1])  # from 30% to 10%: collapsed
+    (fgsm,) = group_runs(load_ledger(tmp_path))
+    assert fgsm["collapsed"] == 1 and fgsm["never_robust"] == 1
+    assert "| 1/2 (ep. 3); 1 never robust |" in results_table([fgsm])
 
 
 def test_psi_rate_factor_is_alpha_over_the_largest_layer_alpha(tmp_path):
