@@ -151,15 +151,16 @@ class PeerWatch:
     def __exit__(self, exc_type, exc, traceback) -> None:
         if self._thread is None:
             return
+        failed = exc_type is not None and not issubclass(exc_type, TrainingInterrupted)
         if exc_type is None:
             left = "finished"
-        elif issubclass(exc_type, TrainingInterrupted):
+        elif not failed:
             left = "stopped"
         else:
             reason = (str(exc).strip().splitlines() or [""])[0][:150]
             left = f"failed ({exc_type.__name__}: {reason})"
         self._client.key_value_set(self._left_key(jax.process_index()), left)
-        if exc_type is not None and not issubclass(exc_type, TrainingInterrupted):
+        if failed:
             self._settling.set()
             self._thread.join(self.timeout + 2 * self.interval)
         self._stopped.set()
@@ -181,13 +182,13 @@ class PeerWatch:
                 entries = dict(self._client.key_value_dir_get(self._prefix))
             except Exception as error:  # the coordination service itself is gone
                 self._lost(f"lost JAX's coordination service (process 0): {error}", tell=False)
-            now = time.monotonic()
+            now, settling = time.monotonic(), self._settling.is_set()
             gone = {p: entries.get(self._left_key(p)) for p in others}
-            if self._settling.is_set() and None not in gone.values():
+            if settling and None not in gone.values():
                 return
             for p in others:
                 left = gone[p]
-                if left is not None and left.startswith("failed") and not self._settling.is_set():
+                if left is not None and left.startswith("failed") and not settling:
                     self._lost(f"process {p} of this run {left}")
                 if left is not None:
                     continue
