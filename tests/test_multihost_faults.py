@@ -160,9 +160,8 @@ def test_a_refused_process_0_ends_both_at_once_with_their_lines(tmp_path):
     workdir = tmp_path / "run"
     with workdir_lock(str(workdir)):
         processes = start_two_processes(TRAIN, workdir)
-        start = time.monotonic()
-        outputs = [p.communicate(timeout=120)[1] for p in processes]
-    print(f"both exited {time.monotonic() - start:.1f} s after starting")
+        elapsed, outputs = exits_within(processes, 120)
+    print(f"both exited {elapsed:.1f} s after starting")
     assert [p.returncode for p in processes] == [2, 1], [e[-2000:] for e in outputs]
     in_use = f"{workdir} is in use by another training run"
     assert last_line(outputs[0]).startswith(f"error: {in_use}")
