@@ -11,7 +11,10 @@ docs/results.md between the fast-at markers and three figures in the ledger:
   time in the ledger's ``bench_speed.json`` (one ``experiments.bench_speed`` run, every method
   side by side on one machine) where that file exists, since the runs themselves may train
   on machines of different speed; otherwise the runs' measured mean;
-* ``psi.png``: APART's alpha, alpha_omega and layer alphas over training at each eps.
+* ``psi.png``: APART's alpha, alpha_omega and layer alphas over training at each eps;
+
+and, where the psi sweep's ledger holds runs (experiments/fast_at_psi.py), its table and
+``psi_sweep.png`` in that ledger.
 """
 
 from __future__ import annotations
@@ -23,6 +26,16 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from experiments.fast_at_psi import (
+    in_sweep_order,
+    plot_psi,
+    plot_sweep,
+    psi_rows,
+    psi_table,
+    pyplot,
+    sweep_base,
+    sweep_section,
+)
 from experiments.runs import read_metrics
 from experiments.summarize import (
     COLLAPSE_MIN_BEST,
@@ -46,9 +59,10 @@ COLLAPSE_CAPTION = (
 
 def load_ledger(ledger: str) -> list[dict[str, Any]]:
     """Every finished run of the ledger: :func:`experiments.summarize.load_run_summary`
-    plus ``seed``, ``radius`` (eps in 1/255), ``rows`` (metrics), ``wall`` (seconds) and
-    ``retrain`` (the accuracies' differences of a run trained again for its checkpoints,
-    ``{"clean_acc", "pgd20_acc"}``; None when it was not or matched)."""
+    plus ``config`` (its config.json), ``seed``, ``radius`` (eps in 1/255), ``rows``
+    (metrics), ``wall`` (seconds) and ``retrain`` (the accuracies' differences of a run
+    trained again for its checkpoints, ``{"clean_acc", "pgd20_acc"}``; None when it was not
+    or matched)."""
     runs = []
     for name in sorted(os.listdir(ledger)) if os.path.isdir(ledger) else []:
         workdir = os.path.join(ledger, name)
@@ -57,6 +71,7 @@ def load_ledger(ledger: str) -> list[dict[str, Any]]:
         summary = load_run_summary(workdir)
         with open(os.path.join(workdir, "config.json")) as f:
             config = json.load(f)
+        summary["config"] = config
         summary["seed"] = config["seed"]
         summary["bench_name"] = bench_name(config)
         summary["radius"] = round(summary["eps"] * 255)
@@ -183,51 +198,6 @@ def results_table(groups: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def psi_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """APART's psi at the end of training, per radius (mean over seeds).
-
-    ``rate_factor`` is how many times psi's rate would have to grow for the largest layer
-    alpha to reach alpha, assuming (as holds while 400 x rate x steps << 1) that the layer
-    alphas grow in proportion to the rate.
-    """
-    rows = []
-    for radius in sorted({r["radius"] for r in runs if r["method"] == "apart"}):
-        finals = [
-            r["rows"][-1]["psi"] for r in runs if r["method"] == "apart" and r["radius"] == radius
-        ]
-        alpha = statistics.fmean(p["alpha"] for p in finals)
-        alpha_omega = statistics.fmean(p["alpha_omega"] for p in finals)
-        layer = statistics.fmean(max(abs(a) for a in p["layer_alphas"]) for p in finals)
-        rows.append(
-            {
-                "radius": radius,
-                "seeds": len(finals),
-                "alpha": alpha,
-                "alpha_omega": alpha_omega,
-                "max_layer_alpha": layer,
-                "rate_factor": alpha / layer if layer else float("inf"),
-            }
-        )
-    return rows
-
-
-def psi_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The markdown table of :func:`psi_rows`."""
-    lines = [
-        "| train eps | seeds | alpha (x255) | alpha_omega (x255) | alpha / alpha_omega "
-        "| largest layer alpha | largest layer alpha / alpha | psi rate needed |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['radius']}/255 | {r['seeds']} | {255 * r['alpha']:.2f} "
-            f"| {255 * r['alpha_omega']:.2f} | {r['alpha'] / r['alpha_omega']:.2f} "
-            f"| {r['max_layer_alpha']:.2e} | {r['max_layer_alpha'] / r['alpha']:.1e} "
-            f"| {r['rate_factor']:.0f}x |"
-        )
-    return "\n".join(lines)
-
-
 def runtime_line(runs: Sequence[dict[str, Any]]) -> str:
     """The study's total wall time so far, split into training, training again (runs whose
     checkpoints were gone before their AutoAttack) and AutoAttack."""
@@ -261,11 +231,7 @@ def plot_figures(
     runs: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]], out: str
 ) -> None:
     """Writes curves.png, pareto.png and psi.png into ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     radii = sorted({r["radius"] for r in runs})
     methods = list(dict.fromkeys(r["method_label"] for r in runs))
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
@@ -305,25 +271,7 @@ def plot_figures(
     fig.savefig(os.path.join(out, "pareto.png"), dpi=110)
     plt.close(fig)
 
-    apart = [r for r in runs if r["method"] == "apart"]
-    if not apart:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for r in apart:
-        epochs = [row["epoch"] for row in r["rows"]]
-        style = "-" if r["radius"] == radii[0] else "--"
-        psi = [row["psi"] for row in r["rows"]]
-        axes[0].plot(epochs, [255 * p["alpha"] for p in psi], "C0" + style)
-        axes[0].plot(epochs, [255 * p["alpha_omega"] for p in psi], "C1" + style)
-        axes[1].plot(epochs, [max(abs(a) for a in p["layer_alphas"]) for p in psi], "C2" + style)
-    axes[0].plot([], [], "C0", label="alpha")
-    axes[0].plot([], [], "C1", label="alpha_omega")
-    axes[0].set(title="APART: alpha and alpha_omega (x255); dashed: larger eps", xlabel="epoch")
-    axes[0].legend()
-    axes[1].set(title="APART: largest |layer alpha|", xlabel="epoch", yscale="log")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "psi.png"), dpi=110)
-    plt.close(fig)
+    plot_psi(runs, out)
 
 
 def bench_caption(bench: dict[str, Any]) -> str:
@@ -342,9 +290,16 @@ def bench_caption(bench: dict[str, Any]) -> str:
 
 
 def section(
-    runs: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]], bench: dict, figures: str
+    runs: Sequence[dict[str, Any]],
+    groups: Sequence[dict[str, Any]],
+    bench: dict,
+    figures: str,
+    psi_sweep: str = "",
+    sweep: Sequence[dict[str, Any]] = (),
 ) -> str:
-    """The markdown between the markers; ``figures`` is the figures' path from the .md file."""
+    """The markdown between the markers; ``figures`` is the figures' path from the .md file,
+    ``psi_sweep`` the sweep's part (experiments.fast_at_psi.sweep_section), if any, and
+    ``sweep`` its ledger's runs, whose wall time counts in the study's."""
     aa_points = next((g["aa_points"] for g in groups if g["aa_points"]), None)
     parts = [
         results_table(groups),
@@ -366,14 +321,17 @@ def section(
     if psi:
         parts += ["", "APART's psi at the end of training (mean over seeds):", "", psi_table(psi)]
         parts += ["", f"![APART's psi over training]({figures}/psi.png)"]
-    parts += ["", runtime_line(runs)]
+    if psi_sweep:
+        parts += ["", psi_sweep]
+    parts += ["", runtime_line([*runs, *sweep])]
     if retrain_note(runs):
         parts += ["", retrain_note(runs)]
     return "\n".join(parts)
 
 
-def write_report(ledger: str, results_md: str) -> str:
-    """Regenerates the figures and ``results_md``'s section from the ledger; returns the section.
+def write_report(ledger: str, results_md: str, psi_ledger: str | None = None) -> str:
+    """Regenerates the figures and ``results_md``'s section from the ledger (and the psi
+    sweep's, ``psi_ledger``, where it holds runs); returns the section.
 
     Raises:
       ValueError: ``results_md`` lacks the markers, or the ledger holds no finished run.
@@ -384,8 +342,14 @@ def write_report(ledger: str, results_md: str) -> str:
     bench = read_bench(ledger)
     groups = group_runs(runs, bench)
     plot_figures(runs, groups, ledger)
-    figures = os.path.relpath(ledger, os.path.dirname(os.path.abspath(results_md)) or ".")
-    block = section(runs, groups, bench, figures)
+    md_dir = os.path.dirname(os.path.abspath(results_md)) or "."
+    sweep = load_ledger(psi_ledger) if psi_ledger else []
+    psi_sweep = ""
+    if sweep:
+        ordered = in_sweep_order(sweep_base(runs, sweep), sweep)
+        plot_sweep(ordered, psi_ledger)
+        psi_sweep = sweep_section(ordered, os.path.relpath(psi_ledger, md_dir))
+    block = section(runs, groups, bench, os.path.relpath(ledger, md_dir), psi_sweep, sweep)
     with open(results_md) as f:
         text = f.read()
     if BEGIN not in text or END not in text:

@@ -2,7 +2,8 @@
 
     python -m experiments.fast_at_study --npz=cifar10.npz [--runs=runs/fast_at] \
         [--ledger=docs/results/fast_at] [--methods=fgsm_rs,nfgsm,...] [--radii=8,16] \
-        [--seeds=0,1,2] [--stages=train,attack,bench,report] [--aa_points=500]
+        [--seeds=0,1,2] [--stages=train,psi,attack,bench,report] [--aa_points=500] \
+        [--psi_base=apart16_s0] [--psi_sweep=psi_lr_scale=2,psi_weight_decay=100,...]
 
 Each run is a preset of experiments/configs/fast_at.py (``METHOD + RADIUS``) with a seed,
 trained by ``experiments.train`` into RUNS/LABEL (LABEL = ``nfgsm16_s1``), in seed-major
@@ -11,7 +12,10 @@ order so that every method has its first seed before any has its second. Stages:
 1. **train**: a finished run's config.json and metrics.jsonl (per-epoch clean and PGD-20
    accuracy on 1,000 test images) are copied into the ledger, LEDGER/LABEL/, with the
    command's wall time in ``wall.json``.
-2. **attack**: AutoAttack (``experiments.evaluate --suite=autoattack``) on the first
+2. **psi**: the psi sweep (experiments/fast_at_psi.py): study run ``--psi_base`` (an APART
+   run) trained again once per setting of ``--psi_sweep``, each run's record in
+   ``--psi_ledger`` (``docs/results/fast_at_psi/apart16_s0_psi_lr_scale4/``).
+3. **attack**: AutoAttack (``experiments.evaluate --suite=autoattack``) on the first
    ``--aa_points`` test images at the best and the last epoch of every ledger run; its
    reports go into the ledger too. A run whose checkpoints are gone is trained again
    first, into RUNS/LABEL (a finished directory lacking them is set aside as
@@ -19,13 +23,14 @@ order so that every method has its first seed before any has its second. Stages:
    wall time is counted apart (``retrain`` in ``wall.json``), and where the retrained run's
    per-epoch accuracies differ from the ledger's (training on another machine, or another
    jax, need not repeat them bit for bit) a warning and ``retrain.json`` say by how much.
-3. **bench**: unless the ledger holds ``bench_speed.json``, ``experiments.bench_speed``
+4. **bench**: unless the ledger holds ``bench_speed.json``, ``experiments.bench_speed``
    times every method's training step side by side in one run, at the study's width and
    batch; the report's one-machine training time (steps x step time) comes from it, since
    runs resumed in other sessions train on machines of other speeds.
-4. **report**: ``docs/results.md``'s section between the fast-at markers is replaced by the
-   tables (mean +- std over seeds), and the figures (PGD-20 per epoch, robust accuracy
-   against training time, APART's psi) are written next to the ledger.
+5. **report**: ``docs/results.md``'s section between the fast-at markers is replaced by the
+   tables (mean +- std over seeds; the psi sweep's runs), and the figures (PGD-20 per
+   epoch, robust accuracy against training time, APART's psi) are written next to the
+   ledgers.
 
 Every stage skips what the ledger already holds, so rerunning the command after an
 interruption (or in a later session, on another machine, with the ledger committed)
@@ -47,6 +52,7 @@ from absl import app, flags
 
 from experiments.cli import parse_flags_or_exit
 from experiments.configs.fast_at import METHODS, RADII, get_config
+from experiments.fast_at_psi import SWEEP, parse_setting, sweep_label
 from experiments.fast_at_report import BENCH_FILE, write_report
 from experiments.runs import read_metrics
 from experiments.summarize import best_row
@@ -56,7 +62,7 @@ CONFIG = "experiments/configs/fast_at.py"
 WALL_FILE = "wall.json"
 RETRAIN_FILE = "retrain.json"
 LEDGER_FILES = ("config.json", "metrics.jsonl")
-STAGES = ("train", "attack", "bench", "report")
+STAGES = ("train", "psi", "attack", "bench", "report")
 
 
 def define_flags() -> None:
@@ -69,6 +75,9 @@ def define_flags() -> None:
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, in order (the outer loop).")
     flags.DEFINE_list("stages", list(STAGES), "Stages to run, in order.")
     flags.DEFINE_integer("aa_points", 500, "Test points for AutoAttack.")
+    flags.DEFINE_string("psi_base", "apart16_s0", "The APART run the psi sweep changes.")
+    flags.DEFINE_list("psi_sweep", list(SWEEP), "psi settings, one changed per sweep run.")
+    flags.DEFINE_string("psi_ledger", "docs/results/fast_at_psi", "The psi sweep's records.")
     flags.DEFINE_string("results_md", "docs/results.md", "Markdown file holding the section.")
 
 
@@ -126,24 +135,30 @@ def add_wall(ledger_dir: str, key: str, seconds: float) -> None:
         json.dump(wall, f, indent=1)
 
 
-def train_command(label: str, npz: str, workdir: str) -> list[str]:
-    """The ``experiments.train`` arguments that train (or resume) run ``label``."""
+def train_command(label: str, npz: str, workdir: str, settings: Sequence[str] = ()) -> list[str]:
+    """The ``experiments.train`` arguments that train (or resume) run ``label`` into
+    ``workdir``, with config ``settings`` (``"psi_lr_scale=4"``) changed."""
     preset, seed = parse_label(label)
     return [
         "experiments.train",
         f"--config={CONFIG}:{preset}",
         f"--config.npz_path={npz}",
         f"--config.seed={seed}",
+        *(f"--config.{setting}" for setting in settings),
         "--config.progress=False",
         f"--workdir={workdir}",
     ]
 
 
-def train(label: str, npz: str, runs: str, ledger: str) -> None:
-    """Trains (or resumes) run ``label`` and copies its record into the ledger."""
+def train(
+    label: str, npz: str, runs: str, ledger: str, base: str = "", settings: Sequence[str] = ()
+) -> None:
+    """Trains (or resumes) run ``label`` into RUNS/LABEL and copies its record into
+    LEDGER/LABEL; a psi sweep run is study run ``base`` with config ``settings`` changed."""
     workdir, ledger_dir = os.path.join(runs, label), os.path.join(ledger, label)
     print(f"-- training {label}", flush=True)
-    seconds = run_command(train_command(label, npz, workdir), os.path.join(runs, f"{label}.log"))
+    command = train_command(base or label, npz, workdir, settings)
+    seconds = run_command(command, os.path.join(runs, f"{label}.log"))
     os.makedirs(ledger_dir, exist_ok=True)
     for name in LEDGER_FILES:
         shutil.copy(os.path.join(workdir, name), ledger_dir)
@@ -251,6 +266,16 @@ def bench(methods: Sequence[str], runs: str, ledger: str) -> None:
     )
 
 
+def psi_sweep(npz: str, runs: str, psi_ledger: str, base: str, settings: Sequence[str]) -> None:
+    """Trains study run ``base`` once per psi setting in ``settings`` (experiments/
+    fast_at_psi.py) into RUNS, its record into ``psi_ledger``, unless it holds the run."""
+    os.makedirs(psi_ledger, exist_ok=True)
+    for setting in settings:
+        label = sweep_label(base, setting)
+        if not is_finished(os.path.join(psi_ledger, label)):
+            train(label, npz, runs, psi_ledger, base, [setting])
+
+
 def run_study(
     npz: str,
     runs: str,
@@ -259,9 +284,10 @@ def run_study(
     stages: Sequence[str],
     aa_points: int,
     results_md: str,
+    psi: tuple[str, Sequence[str], str] = ("apart16_s0", SWEEP, "docs/results/fast_at_psi"),
 ) -> None:
-    """Runs ``stages`` (train, attack, bench, report) over the runs ``labels``; see the
-    module doc."""
+    """Runs ``stages`` (train, psi, attack, bench, report) over the runs ``labels``; ``psi``
+    is the sweep's base run, settings and ledger. See the module doc."""
     os.makedirs(runs, exist_ok=True)
     os.makedirs(ledger, exist_ok=True)
     for stage in stages:
@@ -269,6 +295,9 @@ def run_study(
             for label in labels:
                 if not is_finished(os.path.join(ledger, label)):
                     train(label, npz, runs, ledger)
+        elif stage == "psi":
+            base, settings, psi_ledger = psi
+            psi_sweep(npz, runs, psi_ledger, base, settings)
         elif stage == "attack":
             for label in labels:
                 if is_finished(os.path.join(ledger, label)):
@@ -276,7 +305,7 @@ def run_study(
         elif stage == "bench":
             bench(list(dict.fromkeys(label_method(label) for label in labels)), runs, ledger)
         elif stage == "report":
-            print(write_report(ledger, results_md))
+            print(write_report(ledger, results_md, psi[2]))
 
 
 def main(argv: list[str]) -> None:
@@ -288,12 +317,25 @@ def main(argv: list[str]) -> None:
     stages = [s for s in FLAGS.stages if s not in STAGES]
     if stages:
         raise app.UsageError(f"--stages: unknown {stages}; choose from {', '.join(STAGES)}")
-    if {"train", "attack"} & set(FLAGS.stages) and not (FLAGS.npz and os.path.isfile(FLAGS.npz)):
-        raise app.UsageError(f"--npz={FLAGS.npz!r}: the train and attack stages need the data")
+    if {"train", "psi", "attack"} & set(FLAGS.stages) and not (
+        FLAGS.npz and os.path.isfile(FLAGS.npz)
+    ):
+        raise app.UsageError(f"--npz={FLAGS.npz!r}: the train, psi and attack stages need the data")
+    try:
+        [parse_setting(setting) for setting in FLAGS.psi_sweep]
+    except ValueError as e:
+        raise app.UsageError(f"--psi_sweep: {e}") from None
+    try:
+        base_is_apart = label_method(FLAGS.psi_base) == "apart"
+    except (ValueError, StopIteration):
+        base_is_apart = False
+    if not base_is_apart:
+        raise app.UsageError(f"--psi_base={FLAGS.psi_base!r}: not an APART run (apart16_s0)")
     labels = run_labels(FLAGS.methods, [int(r) for r in FLAGS.radii], [int(s) for s in FLAGS.seeds])
     npz = os.path.abspath(FLAGS.npz) if FLAGS.npz else ""
+    psi = (FLAGS.psi_base, FLAGS.psi_sweep, FLAGS.psi_ledger)
     run_study(npz, FLAGS.runs, FLAGS.ledger, labels, FLAGS.stages, FLAGS.aa_points,
-              FLAGS.results_md)  # fmt: skip
+              FLAGS.results_md, psi)  # fmt: skip
 
 
 if __name__ == "__main__":

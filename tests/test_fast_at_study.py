@@ -14,7 +14,6 @@ from experiments.fast_at_report import (
     format_mean_std,
     group_runs,
     load_ledger,
-    psi_rows,
     read_bench,
     results_table,
     retrain_note,
@@ -24,11 +23,12 @@ from experiments.fast_at_report import (
 from tests.test_summarize import STEPS_PER_EPOCH, config, write_eval, write_run
 
 
-def ledger_run(ledger, method, radius, seed, pgd, wall=None, psi=None):
-    """A finished ledger run with PGD-20 accuracies ``pgd`` (clean = pgd + 0.2)."""
+def ledger_run(ledger, method, radius, seed, pgd, wall=None, psi=None, label=None, **settings):
+    """A finished ledger run with PGD-20 accuracies ``pgd`` (clean = pgd + 0.2), named
+    ``label`` (by default the study's: ``apart16_s0``), with config ``settings``."""
     directory = write_run(
-        ledger / f"{method}{radius}_s{seed}",
-        config(method, len(pgd), eps=radius / 255, seed=seed),
+        ledger / (label or f"{method}{radius}_s{seed}"),
+        config(method, len(pgd), eps=radius / 255, seed=seed, **settings),
         [(p + 0.2, p) for p in pgd],
         train_seconds=60.0 * len(pgd),
         eval_examples=1000,
@@ -82,14 +82,6 @@ def test_a_run_never_above_the_floor_is_never_robust_not_collapsed(tmp_path):
     (fgsm,) = group_runs(load_ledger(tmp_path))
     assert fgsm["collapsed"] == 1 and fgsm["never_robust"] == 1
     assert "| 1/2 (ep. 3); 1 never robust |" in results_table([fgsm])
-
-
-def test_psi_rate_factor_is_alpha_over_the_largest_layer_alpha(tmp_path):
-    psi = [(0.01, 0.02, [0.0, 0.0]), (0.03, 0.015, [1e-5, -4e-5])]
-    ledger_run(tmp_path, "apart", 8, 0, [0.2, 0.3], psi=psi)
-    (row,) = psi_rows(load_ledger(tmp_path))
-    assert row["radius"] == 8 and row["seeds"] == 1
-    assert row["max_layer_alpha"] == 4e-5 and row["rate_factor"] == pytest.approx(750)
 
 
 def test_report_replaces_only_the_marked_section(tmp_path):
