@@ -36,14 +36,9 @@ from experiments.fast_at_psi import (
     sweep_base,
     sweep_section,
 )
+from experiments.run_summary import COLLAPSE_MIN_BEST, COLLAPSE_RATIO, load_run_summary
 from experiments.runs import read_metrics
-from experiments.summarize import (
-    COLLAPSE_MIN_BEST,
-    COLLAPSE_RATIO,
-    MISSING,
-    format_duration,
-    load_run_summary,
-)
+from experiments.summarize import MISSING, format_duration
 
 BEGIN, END = "<!-- fast-at -->", "<!-- /fast-at -->"
 BENCH_FILE = "bench_speed.json"
@@ -58,7 +53,7 @@ COLLAPSE_CAPTION = (
 
 
 def load_ledger(ledger: str) -> list[dict[str, Any]]:
-    """Every finished run of the ledger: :func:`experiments.summarize.load_run_summary`
+    """Every finished run of the ledger: :func:`experiments.run_summary.load_run_summary`
     plus ``config`` (its config.json), ``seed``, ``radius`` (eps in 1/255), ``rows``
     (metrics), ``wall`` (seconds) and ``retrain`` (the accuracies' differences of a run
     trained again for its checkpoints, ``{"clean_acc", "pgd20_acc"}``; None when it was not

@@ -54,8 +54,8 @@ from experiments.cli import parse_flags_or_exit
 from experiments.configs.fast_at import METHODS, RADII, get_config
 from experiments.fast_at_psi import SWEEP, parse_setting, sweep_label
 from experiments.fast_at_report import BENCH_FILE, write_report
+from experiments.run_summary import best_row
 from experiments.runs import read_metrics
-from experiments.summarize import best_row
 
 FLAGS = flags.FLAGS
 CONFIG = "experiments/configs/fast_at.py"

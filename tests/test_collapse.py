@@ -24,7 +24,8 @@ from apart_jax.logbook import read_rows
 from apart_jax.restore import restore_checkpoint
 from apart_jax.run import load_model, setup_run
 from apart_jax.trainer import train_and_evaluate
-from experiments.summarize import format_table, load_run_summary, write_csv
+from experiments.run_summary import load_run_summary
+from experiments.summarize import format_table, write_csv
 
 # --- the definition -------------------------------------------------------------------
 

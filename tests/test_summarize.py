@@ -9,13 +9,8 @@ import pytest
 
 from apart_jax.config import ConfigError
 from experiments.evaluate import epoch_of, report_path, resolve_step
-from experiments.summarize import (
-    format_duration,
-    format_eps,
-    format_table,
-    load_run_summary,
-    unique_labels,
-)
+from experiments.run_summary import load_run_summary
+from experiments.summarize import format_duration, format_eps, format_table, unique_labels
 from tests.conftest import run_module
 
 STEPS_PER_EPOCH = 40
