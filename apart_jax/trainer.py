@@ -7,11 +7,11 @@ Data flows one way::
       -> metrics.jsonl, TensorBoard, checkpoints (apart_jax.checkpoint)
 
 :func:`train_and_evaluate` builds the run (:func:`apart_jax.run.setup_run`), resumes from
-the newest readable checkpoint and runs :func:`train_epoch` per epoch. What happens between
-steps and after an epoch (the progress bar, the health check, a checkpoint when one is due,
-the evaluation row, the collapse check, a stop on SIGTERM) are :func:`after_step` and
-:func:`end_epoch` below, which call the actions of :mod:`apart_jax.loop` on the run's one
-:class:`apart_jax.loop.Loop`.
+the newest readable checkpoint and runs :func:`apart_jax.epoch.train_epoch` per epoch.
+What happens between steps and after an epoch (the progress bar, the health check, a
+checkpoint when one is due, the evaluation row, the collapse check, a stop on SIGTERM) are
+:func:`after_step` and :func:`end_epoch` below, which call the actions of
+:mod:`apart_jax.loop` on the run's one :class:`apart_jax.loop.Loop`.
 
 Catastrophic overfitting (:mod:`apart_jax.collapse`) is checked after every evaluation:
 the first time a collapse is detected the run prints one line (:meth:`Collapse.line`),
@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,9 +37,10 @@ from tqdm.auto import tqdm
 from apart_jax.checkpoint import RunCheckpoints
 from apart_jax.collapse import Collapse
 from apart_jax.config import CONFIG_FILE
-from apart_jax.data import Dataset, DeviceData
+from apart_jax.data import Dataset
+from apart_jax.epoch import compile_epoch_steps, train_epoch
 from apart_jax.evaluation import Evaluation, run_evaluation
-from apart_jax.health import StepHealth, check_health, healthy, record_health
+from apart_jax.health import StepHealth, check_health, healthy
 from apart_jax.logbook import MetricsLog
 from apart_jax.loop import (
     Loop,
@@ -95,51 +95,6 @@ class RunResult:
         """The action: "continue", "stop" or "revert" (the run's ``on_collapse``, or
         "stop" where a revert found no checkpoint of the best epoch); None if no collapse."""
         return None if self.collapse is None else self.collapse.action
-
-
-def compile_epoch_steps(run: Run, state: TrainState) -> dict[int, Callable]:
-    """The run's ``in_epoch`` step compiled ahead of time for each batch size of an epoch."""
-    order = device_order(run.config.seed, 1, len(run.dataset.y_train), run.mesh)
-    return {
-        size: run.train_step.in_epoch.lower(
-            state, run.data, order, np.int32(0), batch_size=size
-        ).compile()
-        for size in sorted(set(run.batch_sizes))
-    }
-
-
-def train_epoch(
-    steps: dict[int, Callable],
-    state: TrainState,
-    totals: EpochTotals,
-    data: DeviceData,
-    order: jax.Array,
-    batch_sizes: list[int],
-    first: int = 0,
-    after_step: Callable[[int, TrainState, EpochTotals, StepHealth], None] | None = None,
-    health: StepHealth | None = None,
-) -> tuple[TrainState, EpochTotals, StepHealth]:
-    """Trains on the epoch's batches ``first``, ``first + 1``, ... in ``order``.
-
-    ``steps`` maps each batch size to its compiled step (:func:`compile_epoch_steps`).
-    Nothing is read back from the devices here: the steps are dispatched asynchronously and
-    ``after_step(i, state, totals, health)`` (progress, checkpoints) decides what to wait
-    for. ``health`` (default: none bad yet) accumulates non-finite steps.
-    """
-    starts = np.cumsum([0, *batch_sizes])
-    if health is None:
-        health = healthy(totals.loss_sum.sharding)
-    for i in range(first, len(batch_sizes)):
-        size = batch_sizes[i]
-        state, metrics = steps[size](state, data, order, np.int32(starts[i]))
-        totals = EpochTotals(
-            totals.loss_sum + metrics["loss"] * size,
-            totals.correct_sum + metrics["accuracy"] * size,
-        )
-        health = record_health(health, metrics["nonfinite"], state.step)
-        if after_step is not None:
-            after_step(i, state, totals, health)
-    return state, totals, health
 
 
 def after_step(

@@ -48,6 +48,7 @@ from absl import app, flags
 from apart_jax.compiling import jit
 from apart_jax.config import default_config
 from apart_jax.data import to_unit_range
+from apart_jax.epoch import compile_epoch_steps, train_epoch
 from apart_jax.evaluation import evaluate, make_eval_data, make_eval_step
 from apart_jax.interop.torch_layout import architecture_of
 from apart_jax.methods.base import input_gradient
@@ -56,7 +57,6 @@ from apart_jax.parallel import batch_sharded, data_mesh, replicated
 from apart_jax.run import Run, setup_run
 from apart_jax.state import zero_totals
 from apart_jax.step import device_order
-from apart_jax.trainer import compile_epoch_steps, train_epoch
 from experiments.bench_report import print_report, step_summary
 from experiments.cli import parse_flags_or_exit, quiet_logging
 from experiments.release_reference import release_step_times

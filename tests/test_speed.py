@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, module_env, run_module, tiny_config
 
+from apart_jax.epoch import compile_epoch_steps, train_epoch
 from apart_jax.evaluation import evaluate, make_eval_data, make_eval_step
 from apart_jax.run import setup_run
 from apart_jax.state import zero_totals
 from apart_jax.step import device_order
-from apart_jax.trainer import compile_epoch_steps, train_epoch
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
