@@ -26,6 +26,7 @@ from apart_jax.run import load_model, setup_run
 from apart_jax.trainer import train_and_evaluate
 from experiments.run_summary import load_run_summary
 from experiments.summarize import format_table, write_csv
+from tests.scripted_train import CLEAN, PGD, STEPS_PER_EPOCH, scripted_accuracies
 
 # --- the definition -------------------------------------------------------------------
 
@@ -173,19 +174,15 @@ def test_defaults_and_resume_rule():
 
 # --- the trainer ------------------------------------------------------------------------
 
-# 64 examples in batches of 32: 2 steps per epoch; every epoch evaluated and checkpointed.
+# 64 examples in batches of 32: 2 steps per epoch; every epoch evaluated and checkpointed;
+# the scripted accuracies (tests/scripted_train.py) collapse at epoch 4 from epoch 2's best.
 RUN = dict(method="fgsm", epochs=5, train_size=64, test_size=32, checkpoint=True)
-STEPS_PER_EPOCH = 2
-# The scripted PGD-20 accuracy of each epoch: the best is epoch 2 (0.5); epoch 3 (0.375)
-# stays above half of it, epoch 4 (0.125) falls below: the collapse, at step 8.
-PGD = {1: 0.25, 2: 0.5, 3: 0.375, 4: 0.125, 5: 0.5}
-CLEAN = 0.75
 STOP_LINE = "catastrophic overfitting at epoch 4: PGD-20 12.5% < 0.5 x best 50.0% (epoch 2); "
 
 
 class ScriptedEvaluation:
-    """Stands in for the run's evaluation: the accuracies of :data:`PGD` at the state's
-    epoch, keeping a host copy of every state it is given; raises at epoch ``fail_at``."""
+    """Stands in for the run's evaluation: :func:`scripted_accuracies`, keeping a host copy
+    of every state it is given; raises at epoch ``fail_at``."""
 
     def __init__(self, fail_at: int | None = None):
         self.states: dict[int, list[np.ndarray]] = {}
@@ -196,7 +193,7 @@ class ScriptedEvaluation:
         if epoch == self.fail_at:
             raise RuntimeError(f"evaluation failed at epoch {epoch}")
         self.states[epoch] = host_leaves(state)
-        return {"clean_acc": CLEAN, "pgd20_acc": PGD[epoch]}
+        return scripted_accuracies(state)
 
 
 def scripted_run(config, workdir, fail_at=None):
