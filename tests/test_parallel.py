@@ -98,20 +98,26 @@ TRAIN = [
 ]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    """Resuming a 2-process run is tested with its faults (tests/test_multihost_faults.py)."""
-    # One after the other: three JAX processes at once on a loaded 2-core machine (pytest-xdist
-    # runs another test file beside this one) once made the 2-process run fail in its first
-    # collective ("Gloo context initialization failed: ... GetKeyValue() timed out").
-    four = subprocess.run(
-        [sys.executable, *TRAIN, f"--workdir={tmp_path / 'four'}"],
+def finish_one_process_on_four_devices(train: list[str], workdir) -> None:
+    """Runs the command ``python *train`` in one process with 4 CPU devices; asserts it
+    succeeded."""
+    done = subprocess.run(
+        [sys.executable, *train, f"--workdir={workdir}"],
         cwd=ROOT,
         env=module_env(devices=4),
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert four.returncode == 0, four.stderr
+    assert done.returncode == 0, done.stderr
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """Resuming a 2-process run is tested with its faults (tests/test_multihost_faults.py)."""
+    # One after the other: three JAX processes at once on a loaded 2-core machine (pytest-xdist
+    # runs another test file beside this one) once made the 2-process run fail in its first
+    # collective ("Gloo context initialization failed: ... GetKeyValue() timed out").
+    finish_one_process_on_four_devices(TRAIN, tmp_path / "four")
     two_out = finish_two_processes(TRAIN, tmp_path / "two")
     assert "APART: clean" in two_out[0] and "APART" not in two_out[1]  # process 0 reports
     rows_four = read_rows(str(tmp_path / "four" / "metrics.jsonl"))
@@ -156,15 +162,7 @@ SCRIPTED_REVERT = [
 def test_two_processes_revert_at_a_collapse_like_one_process(tmp_path):
     """Both processes restore the best epoch's checkpoint, the lead alone moves the newer
     one aside and prints the line, and the final state is the one-process run's."""
-    one = subprocess.run(
-        [sys.executable, *SCRIPTED_REVERT, f"--workdir={tmp_path / 'one'}"],
-        cwd=ROOT,
-        env=module_env(devices=4),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr
+    finish_one_process_on_four_devices(SCRIPTED_REVERT, tmp_path / "one")
     processes = start_two_processes(SCRIPTED_REVERT, tmp_path / "two")
     errors = [p.communicate(timeout=600)[1] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], errors
