@@ -32,7 +32,13 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from apart_jax.attacks.suite import AUTOATTACK, make_attack, measure_passes, run_suite
+from apart_jax.attacks.suite import (
+    AUTOATTACK,
+    make_attack,
+    measure_passes,
+    run_suite,
+    suite_host_loop,
+)
 from apart_jax.checkpoint import checkpoint_dir
 from apart_jax.config import ConfigError, read_run_config
 from apart_jax.data import DatasetError, load_npz
@@ -162,6 +168,7 @@ def evaluate_workdir() -> dict:
         "eps": eps,
         "norm": FLAGS.norm,
         "bn_mode": "inference",
+        "host_loop": suite_host_loop(),
         "results": {},
     }
     key = jax.random.key(FLAGS.seed)
@@ -180,6 +187,7 @@ def evaluate_workdir() -> dict:
             norm=FLAGS.norm,
             batch_size=FLAGS.batch_size,
             progress=True,
+            host_loop=report["host_loop"],
         )
         report["clean_accuracy"] = result.clean_accuracy
         stages = []

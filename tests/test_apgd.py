@@ -132,6 +132,18 @@ def test_apgd_is_deterministic_in_its_key_and_jit_agrees():
     np.testing.assert_array_equal(attack(x, y, key), reference)
     np.testing.assert_allclose(jax.jit(attack)(x, y, key), reference, atol=1e-6)
     assert not jnp.allclose(attack(x, y, jax.random.key(2)), reference)
+    host = apgd(logits_fn, x, y, key, eps=0.05, norm="l2", steps=6, restarts=2, unroll="host")
+    np.testing.assert_allclose(host, reference, atol=1e-6)
+
+
+def test_apgd_t_driven_from_the_host_equals_its_compiled_loops():
+    logits_fn, x, y = mlp_problem(2, batch=8)
+    key = jax.random.key(4)
+    options = dict(eps=0.03, steps=8, n_target_classes=3, restarts=2)
+    compiled = jax.jit(lambda x, y, key: apgd_t(logits_fn, x, y, key, **options))(x, y, key)
+    host = apgd_t(logits_fn, x, y, key, unroll="host", **options)
+    assert fooled(logits_fn, compiled, y).any()  # the comparison covers found points
+    np.testing.assert_allclose(host, compiled, atol=1e-6)
 
 
 def test_examples_are_attacked_independently():

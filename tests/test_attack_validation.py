@@ -90,7 +90,7 @@ CASES = {
     "steps_zero": ("apgd", dict(steps=0), r"^steps must be a positive int, got 0"),
     "restarts_float": ("fab", dict(restarts=1.0), r"^restarts must be a positive int"),
     "queries_bool": ("square", dict(queries=True), r"^queries must be a positive int"),
-    "unroll": ("pgd", dict(unroll=0), r"^unroll must be None, a bool or a positive int"),
+    "unroll": ("pgd", dict(unroll=0), r'^unroll must be None, a bool, a positive int or "host"'),
     "loss_name": ("pgd", dict(loss="hinge"), r"^loss must be one of \('ce', 'margin', 'dlr'\)"),
     "loss_dlr_two_classes": (
         "apgd",

@@ -7,6 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import LINEAR_FEATURES, linear_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -230,6 +231,41 @@ def test_random_init_in_the_ball_and_on_the_sphere():
         on_sphere = random_init(KEY, x, 0.1, norm, on_sphere=True) - x
         np.testing.assert_allclose(size(on_sphere), 0.1, rtol=1e-5)
         np.testing.assert_array_equal(random_init(KEY, x, 0.1, norm, on_sphere=True) - x, on_sphere)
+
+
+def test_host_loop_runs_the_iterations_and_compiles_one_program_per_computation():
+    def body_scaled_by(scale):
+        def body(i, carry):
+            return {"total": carry["total"] * scale + i, "steps": carry["steps"] + 1}
+
+        return body
+
+    def expected(scale, steps):
+        total = 0.0
+        for i in range(steps):
+            total = total * scale + i
+        return total
+
+    start = {"total": jnp.float32(0.0), "steps": jnp.int32(0)}
+    compiled = []
+
+    def listen(event, duration, fun_name="", **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(fun_name)
+
+    out = loop(7, body_scaled_by(jnp.float32(2.0)), start, "host", "apgd")
+    assert (float(out["total"]), int(out["steps"])) == (expected(2.0, 7), 7)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        # Another closure over another array of the same shape, and another step count:
+        # the same computation, so the compiled iteration is reused.
+        out = loop(5, body_scaled_by(jnp.float32(3.0)), start, "host", "apgd")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert (float(out["total"]), int(out["steps"])) == (expected(3.0, 5), 5)
+    assert compiled == []
+    with pytest.raises(ValueError, match='unroll="host" drives the loop from Python'):
+        jax.jit(lambda c: loop(3, body_scaled_by(2.0), c, "host", "apgd"))(start)
 
 
 def test_loop_forms_run_the_same_iterations():

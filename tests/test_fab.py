@@ -241,10 +241,15 @@ def test_fab_unroll_and_misclassified_points():
     key = jax.random.key(0)
     rolled = fab(logits_fn, x, wrong, key, eps=0.2, steps=5, unroll=False)
     np.testing.assert_array_equal(rolled[1], x[1])
-    for unroll in (True, 2, None):
+    for unroll in (True, 2, None, "host"):
         np.testing.assert_allclose(
             fab(logits_fn, x, wrong, key, eps=0.2, steps=5, unroll=unroll), rolled, atol=1e-6
         )
+    options = dict(eps=0.2, steps=5, n_target_classes=2, restarts=2)
+    rolled_t = jax.jit(lambda x: fab_t(logits_fn, x, y, key, **options))(x)
+    np.testing.assert_allclose(
+        fab_t(logits_fn, x, y, key, unroll="host", **options), rolled_t, atol=1e-6
+    )
 
 
 def test_pass_counts_match_the_docstrings():

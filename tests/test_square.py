@@ -203,6 +203,12 @@ def test_pass_counts_are_queries_and_stop_once_every_example_is_fooled(norm):
         unrolled_out, count = passes(label_bonus, unroll=4)
         assert count == (37, 0)
         np.testing.assert_allclose(unrolled_out, robust_out, atol=1e-6)
+    # Driven from the host, the same points.
+    host_out = square(
+        lambda z: logits_fn(z) + label_bonus, x, y, jax.random.key(0), eps=eps, norm=norm,
+        queries=37, unroll="host",
+    )  # fmt: skip
+    np.testing.assert_allclose(host_out, robust_out, atol=1e-6)
 
 
 def test_p_schedule_and_square_sides_follow_the_reference():

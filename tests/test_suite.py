@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 from conftest import run_module, tiny_config, write_npz
 
 from apart_jax.attacks import AUTOATTACK, make_attack, measure_passes, run_suite
+from apart_jax.attacks.suite import HOST_DRIVEN
 from apart_jax.config import ConfigError
 from apart_jax.data import DatasetError
 from apart_jax.models import create_model
@@ -50,11 +52,12 @@ def trained(tmp_path_factory):
     return workdir, apply_fn, variables, x, run.dataset.y_test[:POINTS]
 
 
-def robust_under(trained, names, batch_size=48):
+def robust_under(trained, names, batch_size=48, host_loop=None):
     _, apply_fn, variables, x, y = trained
     return run_suite(
-        apply_fn, variables, x, y, jax.random.key(0), attacks=names, eps=EPS, batch_size=batch_size
-    )
+        apply_fn, variables, x, y, jax.random.key(0), attacks=names, eps=EPS,
+        batch_size=batch_size, host_loop=host_loop,
+    )  # fmt: skip
 
 
 def test_stronger_attacks_leave_fewer_robust_points(trained):
@@ -86,6 +89,17 @@ def test_autoattack_is_the_worst_case_of_its_components(trained):
     assert np.max(np.abs(result.x_adv - x)) <= EPS + 1e-5
 
 
+def test_autoattack_driven_from_the_host_finds_what_the_compiled_attacks_find(trained):
+    host = robust_under(trained, list(AUTOATTACK), host_loop=True)
+    compiled = robust_under(trained, list(AUTOATTACK), host_loop=False)
+    assert [(s.attacked, s.fooled) for s in host.stages] == [
+        (s.attacked, s.fooled) for s in compiled.stages
+    ]
+    assert sum(s.fooled for s in host.stages) > 0
+    np.testing.assert_array_equal(host.robust, compiled.robust)
+    np.testing.assert_allclose(host.x_adv, compiled.x_adv, atol=1e-6)
+
+
 def test_measured_passes_of_standard_attacks(trained):
     _, apply_fn, variables, x, y = trained
     expected = {"fgsm": (1, 1), "pgd20": (20, 20), "cw": (20, 20)}
@@ -96,29 +110,48 @@ def test_measured_passes_of_standard_attacks(trained):
     assert square.backward == 0 and 0 < square.forward <= 5000
 
 
-def test_a_suite_compiles_once_per_attack_and_batch_shape(trained):
+def compilations(run):
+    """``(run(), names of the programs compiled while it ran)``."""
     compiled = []
 
     def listen(event, duration, fun_name="", **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
             compiled.append(fun_name)
 
-    jax.block_until_ready(jax.random.fold_in(jax.random.key(0), 1))  # eager key ops, compiled
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        # A batch size no other test uses: every program of this run is new to the process.
-        first = robust_under(trained, list(AUTOATTACK), batch_size=40)
-        in_first_run = list(compiled)
-        second = robust_under(trained, list(AUTOATTACK), batch_size=40)
+        return run(), compiled
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    # One program for the clean predictions, one per attack that had points to attack (with
-    # the predictions at its points); the padded last batch reuses them; the second run
-    # compiles nothing.
+
+
+@pytest.mark.parametrize("host_loop", [False, True])
+def test_a_suite_compiles_once_per_attack_and_batch_shape(trained, host_loop):
+    jax.block_until_ready(jax.random.fold_in(jax.random.key(0), 1))  # eager key ops, compiled
+    # A batch size no other test uses (the two cases neither: they share Square's program):
+    # every program of this run is new to the process.
+    batch_size = 44 if host_loop else 40
+    run = functools.partial(robust_under, trained, list(AUTOATTACK), batch_size, host_loop)
+    first, in_first_run = compilations(run)
+    second, in_second_run = compilations(run)
     attacking = sum(stage.attacked > 0 for stage in first.stages)
     assert attacking >= 2
-    assert sorted(in_first_run) == ["jit(_attack_batch)"] * attacking + ["jit(_classify)"]
-    assert compiled == in_first_run
+    if not host_loop:
+        # One program for the clean predictions, one per attack that had points to attack
+        # (with the predictions at its points); the padded last batch reuses them.
+        assert sorted(in_first_run) == ["jit(_attack_batch)"] * attacking + ["jit(_classify)"]
+    else:
+        # One iteration per loop body of each attack the host drives (APGD-T's and FAB-T's
+        # target classes share theirs), whatever the number of batches, targets and
+        # restarts; at most twice (measured: twice here, where the restored weights'
+        # placement on a one-device mesh passes to the carry after the first call and then
+        # stays). Square is compiled whole.
+        from_host = sum(s.attacked > 0 and s.attack in HOST_DRIVEN for s in first.stages)
+        assert from_host == attacking - 1
+        assert from_host <= in_first_run.count("jit(run)") <= 2 * from_host
+        assert in_first_run.count("jit(_attack_batch)") == 1
+    # The second run compiles nothing.
+    assert in_second_run == []
     np.testing.assert_array_equal(second.x_adv, first.x_adv)
     # make_attack hands out the same callable for the same settings, so jit finds it again.
     assert make_attack("apgd-t", eps=EPS) is make_attack("apgd-t", eps=float(EPS))
@@ -137,6 +170,7 @@ def test_evaluate_command_writes_every_number_and_the_protocol(trained):
     report = json.loads((workdir / "eval.json").read_text())
     assert report["num_points"] == 40 and report["checkpoint_step"] == 6 * 23
     assert report["bn_mode"] == "inference" and report["eps"] == pytest.approx(EPS)
+    assert report["host_loop"] == (jax.default_backend() == "cpu")
     pgd = report["results"]["pgd20"]["stages"][0]
     assert pgd["protocol"]["steps"] == 20 and pgd["protocol"]["restarts"] == 1
     assert pgd["protocol"]["step_size"] == pytest.approx(EPS / 4)

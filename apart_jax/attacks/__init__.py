@@ -6,9 +6,10 @@ a PRNG key (FGSM checks it but draws no noise); it returns adversarial inputs of
 shape and dtype, inside the eps-ball around ``x`` and inside [0, 1]. A targeted attack takes
 ``targets`` (B,) int (targeted iff given); the multi-target AutoAttack versions are
 ``apgd_t`` and ``fab_t``. ``unroll`` chooses the loop form the same way in every attack
-(:func:`loop`; None, the default, is the fastest measured on the backend). Attacks never
+(:func:`loop`; None, the default, is the fastest compiled form measured on the backend;
+"host" lets Python drive the iterations, outside jit, the fastest on CPU). Attacks never
 touch model state: whether BN runs in training or inference mode is the caller's choice of
-closure. They work under ``jax.jit``.
+closure. They work under ``jax.jit`` (every loop form but "host").
 
 Every public attack first runs :func:`check_attack_inputs`: a wrong shape, dtype, key or
 hyperparameter raises a ValueError naming the argument, at trace time (no run-time cost).

@@ -36,6 +36,7 @@ from apart_jax.attacks.checks import check_attack_inputs, check_interval
 from apart_jax.attacks.core import (
     LogitsFn,
     loop,
+    outer_form,
     per_example,
     project,
     random_init,
@@ -178,12 +179,11 @@ def _merge(best, x_best, loss_best, x_best_adv, fooled):
 def _apgd_restarts(logits_fn, x, y, targets, key, best, *, restarts, **kwargs):
     """``restarts`` APGD runs (restart r uses ``fold_in(key, r)``) merged into ``best``."""
 
-    def one(best, r):
+    def one(r, best):
         run = _apgd_run(logits_fn, x, y, targets, jax.random.fold_in(key, r), **kwargs)
-        return _merge(best, *run), None
+        return _merge(best, *run)
 
-    best, _ = jax.lax.scan(one, best, jnp.arange(restarts))
-    return best
+    return loop(restarts, one, best, outer_form(kwargs["unroll"]), "apgd")
 
 
 def apgd(
@@ -200,7 +200,7 @@ def apgd(
     targets: jax.Array | None = None,
     rho: float = 0.75,
     momentum: float = 0.75,
-    unroll: bool | int | None = None,
+    unroll: bool | int | str | None = None,
 ) -> jax.Array:
     """APGD (Croce & Hein 2020): step-size-free PGD with momentum (see the module docstring).
 
@@ -264,7 +264,7 @@ def apgd_t(
     steps: int = 100,
     n_target_classes: int = 9,
     restarts: int = 1,
-    unroll: bool | int | None = None,
+    unroll: bool | int | str | None = None,
 ) -> jax.Array:
     """APGD-T (Croce & Hein 2020): targeted APGD on the DLR loss towards each ranked class.
 
@@ -306,15 +306,14 @@ def apgd_t(
     targets = ranked_targets(clean_logits, n_target_classes)  # (n_target_classes, B)
     ranks = jnp.arange(2, n_target_classes + 2)
 
-    def one_target(best, rank_and_targets):
-        rank, targets_t = rank_and_targets
-        best = _apgd_restarts(
-            logits_fn, x, y, targets_t, jax.random.fold_in(key, rank), best, restarts=restarts,
-            eps=eps, norm=norm, loss="dlr", steps=steps, rho=0.75, momentum=0.75, unroll=unroll,
+    def one_target(t, best):
+        return _apgd_restarts(
+            logits_fn, x, y, targets[t], jax.random.fold_in(key, ranks[t]), best,
+            restarts=restarts, eps=eps, norm=norm, loss="dlr", steps=steps, rho=0.75,
+            momentum=0.75, unroll=unroll,
         )  # fmt: skip
-        return best, None
 
     clean_wrong = jnp.argmax(clean_logits, axis=-1) != y
     best = (x, clean_wrong, jnp.full(y.shape, -jnp.inf, jnp.float32))
-    (x_adv, _, _), _ = jax.lax.scan(one_target, best, (ranks, targets))
+    x_adv, _, _ = loop(n_target_classes, one_target, best, outer_form(unroll), "apgd")
     return x_adv

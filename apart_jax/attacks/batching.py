@@ -72,6 +72,22 @@ def _attack_batch(apply_fn, attack, with_predictions, variables, x, y, key, b):
     return (x_adv,)
 
 
+# A plain jax.jit: host-driven attacks trace it into their compiled iterations, and the
+# project's jit (compiler options) may only be the outermost one.
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(apply_fn: ApplyFn, variables: PyTree, x: jax.Array) -> jax.Array:
+    return apply_fn(variables, x)
+
+
+def _attack_batch_from_host(apply_fn, attack, with_predictions, variables, x, y, key, b):
+    """:func:`_attack_batch` called eagerly, for attacks whose loops the host drives."""
+    logits_fn = functools.partial(_logits, apply_fn, variables)
+    x_adv = attack(logits_fn, jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(key, b))
+    if with_predictions:
+        return x_adv, _classify(apply_fn, variables, x_adv)
+    return (x_adv,)
+
+
 def predict(
     apply_fn: ApplyFn, variables: PyTree, x: np.ndarray, *, batch_size: int = 500
 ) -> np.ndarray:
@@ -94,6 +110,7 @@ def attack_in_batches(
     desc: str | None = None,
     progress: bool = False,
     predictions: bool = False,
+    host_loop: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Runs ``attack`` over (x, y) in mini-batches of any size; returns x_adv (N, ...).
 
@@ -104,12 +121,17 @@ def attack_in_batches(
     is not a terminal). With ``predictions``, returns ``(x_adv, the predicted classes at x_adv
     (N,) int)``, from the attack's own compiled program (one more forward pass per batch, no
     other program).
+
+    ``host_loop``: call the attack outside jit, for attacks built with ``unroll="host"``
+    (their iterations compile once and the host calls them; the model's forward pass is
+    compiled for the rest). Otherwise the whole attack is one compiled program.
     """
     if len(x) == 0:
         return (x.copy(), np.zeros((0,), np.int32)) if predictions else x.copy()
+    attack_batch = _attack_batch_from_host if host_loop else _attack_batch
 
     def step(b, xb, yb):
-        return _attack_batch(apply_fn, attack, predictions, variables, xb, yb, key, b)
+        return attack_batch(apply_fn, attack, predictions, variables, xb, yb, key, b)
 
     # On a terminal the bar redraws in place; in a log it is one line (apart_jax.progress).
     with progress_bar(enabled=progress, total=len(x), desc=desc, unit="pt", leave=False) as bar:

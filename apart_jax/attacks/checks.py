@@ -48,11 +48,14 @@ def check_positive_int(name: str, value: object) -> None:
 
 
 def check_unroll(unroll: object) -> None:
-    """Raises ValueError unless ``unroll`` is None, a bool or a positive int (see ``loop``)."""
-    if unroll is None or isinstance(unroll, bool):
+    """Raises ValueError unless ``unroll`` is None, a bool, a positive int or "host" (see
+    ``loop``)."""
+    if unroll is None or isinstance(unroll, bool) or unroll == "host":
         return
     if not isinstance(unroll, numbers.Integral) or unroll < 1:
-        raise ValueError(f"unroll must be None, a bool or a positive int, got {describe(unroll)}")
+        raise ValueError(
+            f'unroll must be None, a bool, a positive int or "host", got {describe(unroll)}'
+        )
 
 
 def check_interval(name: str, value: Any, interval: str) -> None:
@@ -162,7 +165,7 @@ def check_attack_inputs(
       norm: one of :data:`NORMS`.
       loss: one of :data:`~apart_jax.attacks.losses.LOSSES`; "dlr" needs K >= 3, or K >= 4
         when targeted. targeted: whether the loss is targeted (default: ``targets`` given).
-      unroll: None, a bool or a positive int (:func:`check_unroll`).
+      unroll: None, a bool, a positive int or "host" (:func:`check_unroll`).
       images: x must be 4-D. allow_empty: accept B == 0.
       logits_fn_name: how messages name ``logits_fn``.
       **positive_ints: static positive ints by name, for example ``steps=steps``.

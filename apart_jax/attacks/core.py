@@ -19,10 +19,12 @@ from typing import Any, TypeVar
 
 import chex
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 
 from apart_jax.attacks.checks import UNSET, check_attack_inputs, check_positive_int
 from apart_jax.attacks.losses import attack_loss, cross_entropy
+from apart_jax.compiling import jit
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 Carry = TypeVar("Carry")
@@ -39,7 +41,7 @@ def loop(
     steps: int,
     body: Callable[[Any, Carry], Carry],
     carry: Carry,
-    unroll: bool | int | None,
+    unroll: bool | int | str | None,
     attack: str,
 ) -> Carry:
     """``carry = body(i, carry)`` for i = 0 .. steps - 1: the iteration loop of every attack.
@@ -50,11 +52,17 @@ def loop(
       ``lax.fori_loop(..., unroll=True)`` this leaves no one-trip loop behind);
     * ``False`` or ``1``: a rolled ``lax.fori_loop`` (one copy of the body in the program);
     * ``n > 1``: a ``lax.fori_loop`` unrolled by ``n`` (``n`` iterations per trip);
+    * ``"host"``: Python drives the iterations, calling one compiled iteration ``steps``
+      times (:func:`host_loop`); only outside ``jax.jit``;
     * ``None``: the fastest form measured on the backend, :data:`CPU_UNROLL` ``[attack]`` on
       CPU and rolled elsewhere (not measured there yet).
 
-    Every form computes the same iterations (the results agree up to float rounding).
+    Every form computes the same iterations; the results agree up to float rounding, which
+    an attack's sign steps can amplify over many iterations on a large model (a rounding
+    flip of a near-zero gradient component moves that pixel to the other side of the ball).
     """
+    if unroll == "host":
+        return host_loop(steps, body, carry)
     if unroll is None:
         unroll = CPU_UNROLL[attack] if jax.default_backend() == "cpu" else 1
     if unroll is True:
@@ -62,6 +70,65 @@ def loop(
             carry = body(i, carry)
         return carry
     return jax.lax.fori_loop(0, steps, body, carry, unroll=max(int(unroll), 1))
+
+
+def outer_form(unroll: bool | int | str | None) -> bool | int:
+    """The :func:`loop` form of an attack's loops around its iterations (restarts, targets).
+
+    Rolled (one copy of the attack in the program), except when the host drives the
+    iterations (``unroll="host"``): then the outer loops are Python loops too.
+    """
+    return True if unroll == "host" else 1
+
+
+def host_loop(steps: int, body: Callable[[Any, Carry], Carry], carry: Carry) -> Carry:
+    """``carry = body(i, carry)`` for i < steps, one call of a compiled iteration per step.
+
+    On XLA:CPU a model's passes inside a compiled loop ran several times slower than the
+    same passes compiled alone (docs/benchmarks.md), so attacks on CPU run fastest with the
+    loop on the host. ``body`` is traced once per call (``i`` an int32 scalar); arrays it
+    closes over (inputs, model weights) become arguments of the compiled iteration, which is
+    cached by the traced program's text: later calls with other inputs of the same shapes,
+    other weights or another closure doing the same computation reuse it without compiling.
+
+    Raises:
+      ValueError: under a JAX transformation (``jit``, ``vmap``, ``grad``): Python cannot
+        drive a loop over traced values.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(carry)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        raise ValueError(
+            'unroll="host" drives the loop from Python and cannot run under jax.jit or another '
+            "transformation: call the attack outside jit, or choose another unroll"
+        )
+    index = jnp.zeros((), jnp.int32)
+    closed = jax.make_jaxpr(lambda i, leaves: body(i, treedef.unflatten(leaves)))(index, leaves)
+    step = _compiled_iteration(str(closed.jaxpr), closed.jaxpr)
+    for i in range(steps):
+        leaves = step(closed.consts, jnp.asarray(i, jnp.int32), leaves)
+    return treedef.unflatten(leaves)
+
+
+def _compiled_iteration(text: str, jaxpr: Any) -> Callable:
+    """The compiled program of the traced iteration ``jaxpr``, its consts an argument; cached
+    by the program's text (which names every constant's shape and dtype)."""
+    step = _ITERATIONS.pop(text, None)
+    if step is None:
+
+        def run(consts, i, leaves):
+            return jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(jaxpr, consts))(i, *leaves)
+
+        step = jit(run)
+    _ITERATIONS[text] = step  # most recently used last
+    while len(_ITERATIONS) > _MAX_ITERATIONS:
+        del _ITERATIONS[next(iter(_ITERATIONS))]
+    return step
+
+
+#: Compiled iterations of :func:`host_loop` by program text, least recently used first: an
+#: AutoAttack run uses a handful (one per attack and batch shape).
+_ITERATIONS: dict[str, Callable] = {}
+_MAX_ITERATIONS = 32
 
 
 def per_example(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -168,7 +235,7 @@ def gradient_ascent(
     step_size: float,
     steps: int,
     norm: str = "linf",
-    unroll: bool | int | None = None,
+    unroll: bool | int | str | None = None,
 ) -> tuple[jax.Array, Carry]:
     """``steps`` steepest-ascent steps, each projected onto the eps-ball and [0, 1].
 
@@ -237,7 +304,7 @@ def pgd(
     loss: str = "ce",
     targets: jax.Array | None = None,
     random_start: bool = True,
-    unroll: bool | int | None = None,
+    unroll: bool | int | str | None = None,
 ) -> jax.Array:
     """PGD (Madry et al. 2018): projected steepest ascent on a loss, with restarts.
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from apart_jax.attacks.checks import check_attack_inputs, check_interval
-from apart_jax.attacks.core import LogitsFn, loop, random_init, ranked_targets
+from apart_jax.attacks.core import LogitsFn, loop, outer_form, random_init, ranked_targets
 
 #: Floor on the norms of the two projection steps in the bias weight (reference value).
 _MIN_STEP_NORM = 1e-8
@@ -233,7 +233,7 @@ def fab(
     alpha_max: float = 0.1,
     eta: float = 1.05,
     beta: float = 0.9,
-    unroll: bool | int | None = None,
+    unroll: bool | int | str | None = None,
 ) -> jax.Array:
     """FAB (Croce & Hein, ICML 2020): the smallest-norm adversarial point it finds, within eps.
 
@@ -328,7 +328,7 @@ def fab_t(
     steps: int = 100,
     n_target_classes: int = 9,
     restarts: int = 1,
-    unroll: bool | int | None = None,
+    unroll: bool | int | str | None = None,
 ) -> jax.Array:
     """FAB-T, AutoAttack's targeted FAB (Croce & Hein 2020): targeted :func:`fab` per rank.
 
@@ -336,7 +336,8 @@ def fab_t(
     clean logit, per example) it runs targeted :func:`fab` (alpha_max 0.1, eta 1.05,
     beta 0.9; restart r of rank t uses key ``fold_in(fold_in(key, t), r)``) and keeps per
     example the smallest-norm misclassified point over all ranks. The ranks run in a
-    ``lax.fori_loop``, so the program holds one copy of the attack.
+    rolled ``lax.fori_loop``, so the program holds one copy of the attack (a Python loop
+    with ``unroll="host"``).
 
     Passes through ``logits_fn``: ``1 + n_target_classes * restarts * (steps + 1)`` forward
     (one for the clean logits that rank the targets) and
@@ -391,5 +392,5 @@ def fab_t(
 
     flat = x.reshape(batch, -1)
     init = (flat, jnp.full((batch,), jnp.inf, flat.dtype))
-    best, best_norm = jax.lax.fori_loop(0, n_target_classes, run_rank, init)
+    best, best_norm = loop(n_target_classes, run_rank, init, outer_form(unroll), "fab")
     return _finish(x, best, best_norm, eps)

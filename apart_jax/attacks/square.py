@@ -242,7 +242,7 @@ def square(
     norm: str = "linf",
     queries: int = 5000,
     p_init: float = 0.8,
-    unroll: bool | int | None = None,
+    unroll: bool | int | str | None = None,
 ) -> jax.Array:
     """Square Attack (Andriushchenko et al., ECCV 2020), untargeted, on the margin loss.
 

@@ -36,38 +36,59 @@ AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
 ATTACK_NAMES = ("fgsm", "pgd20", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 
 
-def make_attack(name: str, *, eps: float, norm: str = "linf") -> Attack:
+def make_attack(
+    name: str, *, eps: float, norm: str = "linf", unroll: bool | int | str | None = None
+) -> Attack:
     """The attack ``name`` with its standard settings, as ``attack(logits_fn, x, y, key)``.
 
     Names: "fgsm"; "pgd20" (20 steps of eps/4, one random start); "cw" (PGD-20 on the C&W
     margin, L-inf); "apgd-ce", "apgd-dlr" (100 iterations); "apgd-t" (APGD on the targeted
     DLR loss, 9 target classes, 100 iterations); "fab-t" (9 target classes, 100
-    iterations); "square" (5,000 queries). These are AutoAttack's standard settings. The
-    same arguments give the same callable, so the batch runners compile it once.
+    iterations); "square" (5,000 queries). These are AutoAttack's standard settings.
+    ``unroll``: the loop form of the attack's iterations (``apart_jax.attacks.core.loop``;
+    FGSM has none). The same arguments give the same callable, so the batch runners compile
+    it once.
     """
     if name not in ATTACK_NAMES:
         raise ValueError(f"unknown attack {name!r}; choose from {sorted(ATTACK_NAMES)}")
     if norm != "linf" and name in ("fgsm", "cw"):
         raise ValueError(f"attack {name!r} is L-inf only, got norm={norm!r}")
-    check_attack_inputs(eps=eps, norm=norm)
-    return _standard_attack(name, float(eps), norm)
+    check_attack_inputs(eps=eps, norm=norm, unroll=unroll)
+    return _standard_attack(name, float(eps), norm, unroll)
 
 
 @functools.cache
-def _standard_attack(name: str, eps: float, norm: str) -> Attack:
-    """:func:`make_attack`'s callables, one per (name, eps, norm) for the process."""
+def _standard_attack(name: str, eps: float, norm: str, unroll: bool | int | str | None) -> Attack:
+    """:func:`make_attack`'s callables, one per (name, eps, norm, unroll) for the process."""
     partial = functools.partial
-    pgd20 = partial(pgd, eps=eps, step_size=eps / 4, steps=20, norm=norm)
+    pgd20 = partial(pgd, eps=eps, step_size=eps / 4, steps=20, norm=norm, unroll=unroll)
     return {
         "fgsm": partial(fgsm, eps=eps),
         "pgd20": pgd20,
         "cw": partial(pgd20, loss="margin"),
-        "apgd-ce": partial(apgd, eps=eps, norm=norm, loss="ce"),
-        "apgd-dlr": partial(apgd, eps=eps, norm=norm, loss="dlr"),
-        "apgd-t": partial(apgd_t, eps=eps, norm=norm),
-        "fab-t": partial(fab_t, eps=eps, norm=norm),
-        "square": partial(square, eps=eps, norm=norm, queries=5000),
+        "apgd-ce": partial(apgd, eps=eps, norm=norm, loss="ce", unroll=unroll),
+        "apgd-dlr": partial(apgd, eps=eps, norm=norm, loss="dlr", unroll=unroll),
+        "apgd-t": partial(apgd_t, eps=eps, norm=norm, unroll=unroll),
+        "fab-t": partial(fab_t, eps=eps, norm=norm, unroll=unroll),
+        "square": partial(square, eps=eps, norm=norm, queries=5000, unroll=unroll),
     }[name]
+
+
+#: The attacks :func:`run_suite` can drive from the host: the gradient attacks of a hundred
+#: iterations, whose model passes ran 3.6-5.9x faster that way on CPU (docs/benchmarks.md).
+#: Square (forward passes only) ran 1.3x slower from the host than in its rolled loop, and
+#: PGD's 20 steps compile to straight-line code, the fastest form measured for them.
+HOST_DRIVEN = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
+
+
+def suite_host_loop() -> bool:
+    """Whether :func:`run_suite` drives its attacks' iterations from the host by default.
+
+    On XLA:CPU, yes: ten input-gradient steps of a PreAct-ResNet-18 ran 3.8-5.1x longer in
+    one compiled loop than as ten calls of one compiled step (docs/benchmarks.md). Other
+    backends compile each attack whole, as measured fine there.
+    """
+    return jax.default_backend() == "cpu"
 
 
 def measure_passes(
@@ -125,6 +146,7 @@ def run_suite(
     attacks: Sequence[str] = AUTOATTACK,
     batch_size: int = 500,
     progress: bool = False,
+    host_loop: bool | None = None,
 ) -> SuiteResult:
     """Runs ``attacks`` (names for :func:`make_attack`) in order, each on the still-robust points.
 
@@ -139,9 +161,13 @@ def run_suite(
       eps, norm: the threat model; batch_size: points per compiled batch.
       progress: show a progress bar per attack with the number of points still robust (one
         line per attack when the output is not a terminal).
+      host_loop: run the attacks of :data:`HOST_DRIVEN` with ``unroll="host"`` (Python
+        drives their iterations; :func:`attack_in_batches`), or each as one compiled
+        program; None: :func:`suite_host_loop`. The results agree up to float rounding.
 
     Compilations: one for the clean predictions and one per attack that has points to
-    attack, each reused by later calls with the same model, settings and batch shapes.
+    attack (with ``host_loop``, one per loop body and a few for the steps around them), each
+    reused by later calls with the same model, settings and batch shapes.
     """
     if isinstance(attacks, str):
         raise ValueError(f"attacks must be a sequence of attack names, got the string {attacks!r}")
@@ -157,18 +183,24 @@ def run_suite(
         logits_fn_name="apply_fn(variables, x)",
         batch_size=batch_size,
     )
-    instances = [(name, make_attack(name, eps=eps, norm=norm)) for name in attacks]
+    host_loop = suite_host_loop() if host_loop is None else host_loop
+    instances = []
+    for name in attacks:
+        from_host = host_loop and name in HOST_DRIVEN
+        unroll = "host" if from_host else None
+        instances.append((name, from_host, make_attack(name, eps=eps, norm=norm, unroll=unroll)))
     robust = predict(apply_fn, variables, x, batch_size=batch_size) == y
     clean_accuracy = float(np.mean(robust))
     x_adv = x.copy()
     stages = []
-    for s, (name, attack) in enumerate(instances):
+    for s, (name, from_host, attack) in enumerate(instances):
         start = time.perf_counter()
         todo = np.flatnonzero(robust)
         desc = f"{name} ({len(todo)} robust)"
         found, predicted = attack_in_batches(
             apply_fn, variables, attack, x[todo], y[todo], jax.random.fold_in(key, s),
             batch_size=batch_size, desc=desc, progress=progress, predictions=True,
+            host_loop=from_host,
         )  # fmt: skip
         fooled = predicted != y[todo]
         x_adv[todo[fooled]] = found[fooled]
