@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from experiments.figures import pyplot
+
 
 def plot_columns(axis, rows: Sequence[dict], columns: dict[str, str]) -> None:
     """Draws each column of ``rows`` against the epoch on ``axis``, labelled by the key of
@@ -21,10 +23,7 @@ def plot_columns(axis, rows: Sequence[dict], columns: dict[str, str]) -> None:
 
 def plot_curves(rows: Sequence[dict], path: str, title: str) -> None:
     """Accuracies (left) and both gap diagnostics (right) per epoch, into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     curves = {
@@ -58,10 +57,7 @@ def plot_perturbations(
 
     Perturbations are shown as 0.5 + delta / (2 eps): grey is 0, black -eps, white +eps.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = 1 + len(perturbations)
     fig, axes = plt.subplots(rows, len(images), figsize=(1.6 * len(images), 1.7 * rows))

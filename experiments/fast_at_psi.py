@@ -18,6 +18,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from experiments.figures import pyplot
+
 SWEEP = ("psi_lr_scale=2", "psi_lr_scale=4", "psi_lr_scale=8", "psi_weight_decay=100")
 SWEEP_KEYS = ("psi_lr_scale", "psi_weight_decay")
 
@@ -116,16 +118,6 @@ def plot_psi(runs: Sequence[dict[str, Any]], out: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "psi.png"), dpi=110)
     plt.close(fig)
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend (imported here: only reports need it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def sweep_base(

@@ -32,10 +32,10 @@ from experiments.fast_at_psi import (
     plot_sweep,
     psi_rows,
     psi_table,
-    pyplot,
     sweep_base,
     sweep_section,
 )
+from experiments.figures import pyplot
 from experiments.run_summary import COLLAPSE_MIN_BEST, COLLAPSE_RATIO, load_run_summary
 from experiments.runs import read_metrics
 from experiments.summarize import MISSING, format_duration
