@@ -243,3 +243,29 @@ def pytest_collection_modifyitems(items):
         return len(LONGEST_FILES) + (name not in slow_files)
 
     items.sort(key=rank)
+
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """Records the XLA compilations (persistent-cache hits included) while registered:
+    ``names`` the compiled programs' names in order, ``count`` how many."""
+
+    def __init__(self):
+        self.names = []
+
+    @property
+    def count(self):
+        return len(self.names)
+
+    def __call__(self, event, duration, fun_name="", **kwargs):
+        if event == BACKEND_COMPILE:
+            self.names.append(fun_name)
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        jax.monitoring.unregister_event_duration_listener(self)

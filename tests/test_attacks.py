@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import LINEAR_FEATURES, linear_problem
+from conftest import LINEAR_FEATURES, CompileCounter, linear_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -247,23 +247,14 @@ def test_host_loop_runs_the_iterations_and_compiles_one_program_per_computation(
         return total
 
     start = {"total": jnp.float32(0.0), "steps": jnp.int32(0)}
-    compiled = []
-
-    def listen(event, duration, fun_name="", **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(fun_name)
-
     out = loop(7, body_scaled_by(jnp.float32(2.0)), start, "host", "apgd")
     assert (float(out["total"]), int(out["steps"])) == (expected(2.0, 7), 7)
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with CompileCounter() as compiled:
         # Another closure over another array of the same shape, and another step count:
         # the same computation, so the compiled iteration is reused.
         out = loop(5, body_scaled_by(jnp.float32(3.0)), start, "host", "apgd")
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert (float(out["total"]), int(out["steps"])) == (expected(3.0, 5), 5)
-    assert compiled == []
+    assert compiled.names == []
     with pytest.raises(ValueError, match='unroll="host" drives the loop from Python'):
         jax.jit(lambda c: loop(3, body_scaled_by(2.0), c, "host", "apgd"))(start)
 

@@ -11,33 +11,13 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, module_env, run_module, tiny_config
+from conftest import ROOT, CompileCounter, module_env, run_module, tiny_config
 
 from apart_jax.epoch import compile_epoch_steps, train_epoch
 from apart_jax.evaluation import evaluate, make_eval_data, make_eval_step
 from apart_jax.run import setup_run
 from apart_jax.state import zero_totals
 from apart_jax.step import device_order
-
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-
-
-class CompileCounter:
-    """Counts XLA compilations (persistent-cache hits included) while registered."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, event, duration, **kwargs):
-        if event == BACKEND_COMPILE:
-            self.count += 1
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self)
-        return self
-
-    def __exit__(self, *exc_info):
-        jax.monitoring.unregister_event_duration_listener(self)
 
 
 @pytest.mark.parametrize("method", ["apart", "pgd"])

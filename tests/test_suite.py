@@ -8,7 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import run_module, tiny_config, write_npz
+from conftest import CompileCounter, run_module, tiny_config, write_npz
 
 from apart_jax.attacks import AUTOATTACK, make_attack, measure_passes, run_suite
 from apart_jax.attacks.suite import HOST_DRIVEN
@@ -112,17 +112,8 @@ def test_measured_passes_of_standard_attacks(trained):
 
 def compilations(run):
     """``(run(), names of the programs compiled while it ran)``."""
-    compiled = []
-
-    def listen(event, duration, fun_name="", **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(fun_name)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        return run(), compiled
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
+    with CompileCounter() as compiled:
+        return run(), compiled.names
 
 
 @pytest.mark.parametrize("host_loop", [False, True])
