@@ -19,7 +19,6 @@ and, where the psi sweep's ledger holds runs (experiments/fast_at_psi.py), its t
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import statistics
@@ -37,7 +36,7 @@ from experiments.fast_at_psi import (
 )
 from experiments.figures import pyplot
 from experiments.run_summary import COLLAPSE_MIN_BEST, COLLAPSE_RATIO, load_run_summary
-from experiments.runs import read_metrics
+from experiments.runs import read_json, read_json_if_present, read_metrics
 from experiments.summarize import MISSING, format_duration
 
 BEGIN, END = "<!-- fast-at -->", "<!-- /fast-at -->"
@@ -64,15 +63,14 @@ def load_ledger(ledger: str) -> list[dict[str, Any]]:
         if not os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
             continue
         summary = load_run_summary(workdir)
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = json.load(f)
+        config = read_json(os.path.join(workdir, "config.json"))
         summary["config"] = config
         summary["seed"] = config["seed"]
         summary["bench_name"] = bench_name(config)
         summary["radius"] = round(summary["eps"] * 255)
         summary["rows"] = read_metrics(workdir)
         summary["wall"] = read_wall(workdir)
-        summary["retrain"] = read_json(os.path.join(workdir, "retrain.json"))
+        summary["retrain"] = read_json_if_present(os.path.join(workdir, "retrain.json"))
         runs.append(summary)
     return runs
 
@@ -84,25 +82,13 @@ def bench_name(config: dict[str, Any]) -> str:
 
 def read_bench(ledger: str) -> dict[str, Any]:
     """The ledger's bench_speed.json (experiments.bench_speed's JSON); {} if absent."""
-    path = os.path.join(ledger, BENCH_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_json(path: str) -> Any:
-    """The JSON in ``path``; None if there is no such file."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json_if_present(os.path.join(ledger, BENCH_FILE)) or {}
 
 
 def read_wall(workdir: str) -> dict[str, float]:
     """A ledger run's wall.json: seconds per stage ("train", "retrain", "attack"); {} if
     absent."""
-    return read_json(os.path.join(workdir, "wall.json")) or {}
+    return read_json_if_present(os.path.join(workdir, "wall.json")) or {}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:

@@ -55,7 +55,7 @@ from experiments.configs.fast_at import METHODS, RADII, get_config
 from experiments.fast_at_psi import SWEEP, parse_setting, sweep_label
 from experiments.fast_at_report import BENCH_FILE, write_report
 from experiments.run_summary import best_row
-from experiments.runs import read_metrics
+from experiments.runs import read_json_if_present, read_metrics
 
 FLAGS = flags.FLAGS
 CONFIG = "experiments/configs/fast_at.py"
@@ -126,10 +126,7 @@ def run_command(args: list[str], log_path: str) -> float:
 def add_wall(ledger_dir: str, key: str, seconds: float) -> None:
     """Adds ``seconds`` to ``key`` of the run's ``wall.json``."""
     path = os.path.join(ledger_dir, WALL_FILE)
-    wall = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            wall = json.load(f)
+    wall = read_json_if_present(path) or {}
     wall[key] = wall.get(key, 0.0) + seconds
     with open(path, "w") as f:
         json.dump(wall, f, indent=1)

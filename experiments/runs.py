@@ -42,6 +42,11 @@ def read_json(path: str) -> Any:
         raise ConfigError(f"{path}: not valid JSON ({error.msg})") from None
 
 
+def read_json_if_present(path: str) -> Any:
+    """:func:`read_json` of ``path``, or None if there is no such file."""
+    return read_json(path) if os.path.exists(path) else None
+
+
 def _require_directory(workdir: str) -> None:
     if not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir}: no such directory")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from apart_jax.config import ConfigError
 from experiments import fast_at_study
 from experiments.fast_at_report import (
     BEGIN,
@@ -256,6 +257,9 @@ def test_one_machine_time_is_the_steps_times_the_benchmarked_step_time(tmp_path)
     assert "| 3.0 min | 12.0 min |" in results_table(list(groups.values()))
     no_bench = group_runs(load_ledger(ledger), read_bench(tmp_path / "elsewhere"))
     assert [g["bench_seconds"] for g in no_bench] == [None, None]
+    (ledger / "bench_speed.json").write_text('{"rows": [')
+    with pytest.raises(ConfigError, match=r"bench_speed.json: not valid JSON"):
+        read_bench(ledger)
 
 
 def test_the_bench_stage_times_the_study_methods_once(tmp_path, monkeypatch):
