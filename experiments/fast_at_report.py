@@ -106,6 +106,13 @@ def format_mean_std(values: Sequence[float]) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
+def format_some_seeds(values: Sequence[float], seeds: int) -> str:
+    """:func:`format_mean_std` of the ``values`` measured on some of a group's ``seeds``
+    runs, naming how many when not all: "21.6 (1 of 2 seeds)"."""
+    partial = f" ({len(values)} of {seeds} seeds)" if 0 < len(values) < seeds else ""
+    return format_mean_std(values) + partial
+
+
 def autoattack_accuracy(epoch: dict[str, Any]) -> float | None:
     """The AutoAttack robust accuracy of a summary's best or last epoch, if evaluated."""
     attacks = epoch.get("attacks") or {}
@@ -173,8 +180,9 @@ def results_table(groups: Sequence[dict[str, Any]]) -> str:
             f"| {collapsed} | {format_duration(g['train_seconds'])} "
             f"| {format_duration(g['bench_seconds'])} "
             f"| {format_mean_std(g['final_clean'])} | {format_mean_std(g['final_pgd'])} "
-            f"| {format_mean_std(g['best_pgd'])} | {format_mean_std(g['last_aa'])} "
-            f"| {format_mean_std(g['best_aa'])} |"
+            f"| {format_mean_std(g['best_pgd'])} "
+            f"| {format_some_seeds(g['last_aa'], len(g['seeds']))} "
+            f"| {format_some_seeds(g['best_aa'], len(g['seeds']))} |"
         )
     return "\n".join(lines)
 

@@ -74,6 +74,11 @@ def test_statistics_over_seeds_and_collapse_counts(tmp_path):
     assert format_mean_std(nfgsm["best_aa"]) == "31.0" and format_mean_std([]) == "-"
     assert list(groups) == [("N-FGSM", 8), ("FGSM-RS", 16)]  # by eps, then appearance
     assert rs["never_robust"] == nfgsm["never_robust"] == 0
+    # AutoAttack on one of FGSM-RS's two seeds says so; on N-FGSM's one seed it needs not.
+    write_eval(tmp_path / "fgsm_rs16_s1", "eval.json", 160, 0.5, {"autoattack": 0.2}, 500)
+    table = results_table(group_runs(load_ledger(tmp_path)))
+    assert "| 30.0 ± 0.0 | 20.0 (1 of 2 seeds) | - |" in table
+    assert "| 35.0 | - | 31.0 |" in table
 
 
 def test_a_run_never_above_the_floor_is_never_robust_not_collapsed(tmp_path):
