@@ -11,6 +11,7 @@ import pytest
 from conftest import LINEAR_FEATURES, CompileCounter, linear_problem
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.sharding import PartitionSpec as P
 
 from apart_jax.attacks import (
     attack_loss,
@@ -255,6 +256,13 @@ def test_host_loop_runs_the_iterations_and_compiles_one_program_per_computation(
         out = loop(5, body_scaled_by(jnp.float32(3.0)), start, "host", "apgd")
     assert (float(out["total"]), int(out["steps"])) == (expected(3.0, 5), 5)
     assert compiled.names == []
+    # Weights placed on a mesh (as restored checkpoints are): the carry starts where the
+    # iteration returns it, so one new placement compiles once, not again at step 2.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    on_mesh = jax.device_put(jnp.float32(3.0), jax.sharding.NamedSharding(mesh, P()))
+    with CompileCounter() as compiled:
+        out = loop(5, body_scaled_by(on_mesh), start, "host", "apgd")
+    assert (float(out["total"]), compiled.names) == (expected(3.0, 5), ["jit(run)"])
     with pytest.raises(ValueError, match='unroll="host" drives the loop from Python'):
         jax.jit(lambda c: loop(3, body_scaled_by(2.0), c, "host", "apgd"))(start)
 

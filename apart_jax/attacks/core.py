@@ -104,9 +104,26 @@ def host_loop(steps: int, body: Callable[[Any, Carry], Carry], carry: Carry) -> 
     index = jnp.zeros((), jnp.int32)
     closed = jax.make_jaxpr(lambda i, leaves: body(i, treedef.unflatten(leaves)))(index, leaves)
     step = _compiled_iteration(str(closed.jaxpr), closed.jaxpr)
+    leaves = _placed_like(closed.consts, leaves)
     for i in range(steps):
         leaves = step(closed.consts, jnp.asarray(i, jnp.int32), leaves)
     return treedef.unflatten(leaves)
+
+
+def _placed_like(consts: list[Any], leaves: list[Any]) -> list[Any]:
+    """The carry ``leaves`` placed where the iteration will return them: on the one
+    replicated placement of the committed arrays among ``consts`` (weights restored onto a
+    mesh), if they share one, else unchanged. Otherwise the second step would see the
+    carry's new placement and compile the iteration again."""
+    placements = {c.sharding for c in consts if isinstance(c, jax.Array) and c.committed}
+    if len(placements) != 1 or not (placement := placements.pop()).is_fully_replicated:
+        return leaves
+    return [
+        jax.device_put(leaf, placement)
+        if isinstance(leaf, jax.Array) and not leaf.committed
+        else leaf
+        for leaf in leaves
+    ]
 
 
 def _compiled_iteration(text: str, jaxpr: Any) -> Callable:
