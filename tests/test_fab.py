@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apart_jax.attacks import counting, fab, fab_t
-from apart_jax.attacks.fab import hyperplane_box_projection
+from apart_jax.attacks.fab import _bisect_below, hyperplane_box_projection
 
 NUM_FEATURES = 12
 ORD = {"linf": np.inf, "l2": 2}
@@ -175,6 +175,31 @@ def test_hyperplane_box_projection_is_exact(seed, n, norm, spread):
         if len(z):
             closest = np.linalg.norm(z - t[i], ord=ORD[norm], axis=1).min()
             assert np.linalg.norm(d[i], ord=ORD[norm]) <= closest + 1e-5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bisection_finds_the_largest_float_short_of_the_target(dtype):
+    # change(lam) = lam: the float just below need (the largest finite one below inf);
+    # none falls short of need = 0 (-1).
+    need = np.array([0.75, 3.0, 0.0, np.inf], dtype)
+    with jax.enable_x64(dtype == np.float64):
+        found = _bisect_below(lambda lam: lam, jnp.asarray(need), dtype)
+        assert found.dtype == dtype
+    below = np.nextafter(need[:2], dtype(0))
+    np.testing.assert_array_equal(np.asarray(found), [*below, -1.0, np.finfo(dtype).max])
+
+
+def test_hyperplane_box_projection_in_float64_is_exact_to_float64():
+    rng = np.random.default_rng(7)
+    t = rng.random((32, 50))
+    w = rng.normal(size=(32, 50)) * (rng.random((32, 50)) > 0.2)
+    b = (w * t).sum(1) + rng.normal(size=32)
+    for norm in ("linf", "l2"):
+        with jax.enable_x64(True):
+            d = hyperplane_box_projection(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b), norm=norm)
+            assert d.dtype == jnp.float64
+        # The float64 reference bisects 200 times in float64: they agree to float64 rounding.
+        np.testing.assert_allclose(d, reference_projection(t, w, b, norm), atol=1e-12)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
