@@ -29,7 +29,7 @@ from apart_jax.attacks import (
     run_suite,
     square,
 )
-from apart_jax.attacks.fab import hyperplane_box_projection
+from apart_jax.attacks.box_projection import hyperplane_box_projection
 
 BATCH, SIDE, CLASSES = 3, 4, 5
 EPS = 0.1

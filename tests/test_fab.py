@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apart_jax.attacks import counting, fab, fab_t
-from apart_jax.attacks.fab import _bisect_below, hyperplane_box_projection
+from apart_jax.attacks.box_projection import _bisect_below, hyperplane_box_projection
 
 NUM_FEATURES = 12
 ORD = {"linf": np.inf, "l2": 2}
@@ -198,8 +198,9 @@ def test_hyperplane_box_projection_in_float64_is_exact_to_float64():
         with jax.enable_x64(True):
             d = hyperplane_box_projection(jnp.asarray(t), jnp.asarray(w), jnp.asarray(b), norm=norm)
             assert d.dtype == jnp.float64
-        # The float64 reference bisects 200 times in float64: they agree to float64 rounding.
-        np.testing.assert_allclose(d, reference_projection(t, w, b, norm), atol=1e-12)
+        # The float64 reference bisects 200 times in float64: they agree to float64 rounding
+        # (measured: at most 1.5e-16 over seeds 0-7 of this problem, both norms).
+        np.testing.assert_allclose(d, reference_projection(t, w, b, norm), atol=1e-14)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
