@@ -55,7 +55,7 @@ from experiments.configs.fast_at import METHODS, RADII, get_config
 from experiments.fast_at_psi import SWEEP, parse_setting, sweep_label
 from experiments.fast_at_report import BENCH_FILE, write_report
 from experiments.run_summary import best_row
-from experiments.runs import read_json_if_present, read_metrics
+from experiments.runs import read_json, read_json_if_present, read_metrics
 
 FLAGS = flags.FLAGS
 CONFIG = "experiments/configs/fast_at.py"
@@ -102,9 +102,8 @@ def is_finished(workdir: str) -> bool:
     """Whether ``workdir``'s metrics reach the configured number of epochs."""
     try:
         rows = read_metrics(workdir)
-        with open(os.path.join(workdir, "config.json")) as f:
-            epochs = json.load(f)["epochs"]
-    except (OSError, ValueError, KeyError):
+        epochs = read_json(os.path.join(workdir, "config.json"))["epochs"]
+    except (OSError, ValueError, KeyError):  # ValueError: ConfigError too
         return False
     return rows[-1]["epoch"] >= epochs
 
