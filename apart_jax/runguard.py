@@ -125,8 +125,10 @@ class PeerWatch:
     lost-process line instead of the collective's error.
 
     Does nothing in a single-process run. If process 0 itself dies, JAX's coordination
-    service goes with it and JAX ends the other processes at once (its own ``F... Terminating
-    process because the JAX distributed service detected fatal errors`` message).
+    service goes with it and JAX usually ends the other processes at once (its own ``F...
+    Terminating process because the JAX distributed service detected fatal errors`` message,
+    SIGABRT); a process whose watch or ``with`` exit reaches the service first ends with
+    status 1 and the line ``error: lost JAX's coordination service (process 0): ...``.
     """
 
     _runs = itertools.count()  # one key prefix per watch: every process creates them in order
@@ -159,7 +161,10 @@ class PeerWatch:
         else:
             reason = (str(exc).strip().splitlines() or [""])[0][:150]
             left = f"failed ({exc_type.__name__}: {reason})"
-        self._client.key_value_set(self._left_key(jax.process_index()), left)
+        try:
+            self._client.key_value_set(self._left_key(jax.process_index()), left)
+        except Exception as error:  # process 0, and the service with it, died first
+            self._lost(f"lost JAX's coordination service (process 0): {error}", tell=False)
         if failed:
             self._settling.set()
             self._thread.join(self.timeout + 2 * self.interval)

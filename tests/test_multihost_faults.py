@@ -174,17 +174,26 @@ def test_a_refused_process_0_ends_both_at_once_with_their_lines(tmp_path):
 
 
 def test_kill_9_of_process_0_ends_process_1_at_once(tmp_path):
-    """Process 0 hosts JAX's coordination service: without it JAX itself ends the others at
-    once (its own fatal message, not our line)."""
+    """Process 0 hosts JAX's coordination service: without it process 1 ends at once.
+    JAX itself ends it (SIGABRT, its own fatal message) in 36 of 36 tries here, 0.2-0.7 s
+    after the kill (22 runs of this test beside a study training; 14 kills by a probe, 6
+    during a checkpoint save and 8 at random moments beside 3 busy loops). One full CI run saw
+    status 1 instead (its stderr was not kept): our own one-line error came first, e.g.
+    PeerWatch's ``lost JAX's coordination service (process 0)``. Either ending is accepted;
+    any other, or a slow one, fails with the stderr."""
     workdir = tmp_path / "run"
     processes = start_two_processes(TRAIN, workdir)
     when_past_checkpoint(workdir, processes)
     processes[0].kill()
     elapsed, errs = exits_within(processes, 120)
-    assert processes[1].returncode == -signal.SIGABRT
-    assert elapsed < 10
     print(f"survivor exited {elapsed:.1f} s after kill -9 of process 0")
-    assert (
-        "Terminating process because the JAX distributed service detected fatal errors" in (errs[1])
-    )
+    assert elapsed < 10, errs[1][-3000:]
+    if processes[1].returncode == -signal.SIGABRT:
+        assert (
+            "Terminating process because the JAX distributed service detected fatal errors"
+            in errs[1]
+        )
+    else:
+        assert processes[1].returncode == 1, errs[1][-3000:]
+        assert last_line(errs[1]).startswith("error: "), errs[1][-3000:]
     assert not os.path.exists(workdir / "checkpoints.unreadable")
